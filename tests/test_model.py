@@ -1,0 +1,275 @@
+"""model.py on CPU: MLA and its caches, DeepSeekMoE routing and balancing, MTP, generation, configs."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ops
+from model import ModelConfig, MoE, Transformer, sample_next
+
+SMALL = dict(vocab_size=97, block_size=24, n_layer=3, n_embd=64, n_head=4, kv_lora_rank=32,
+             qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, dense_inter_dim=96,
+             n_dense_layers=1, n_routed_experts=8, n_shared_experts=1, n_activated_experts=3,
+             moe_inter_dim=24)
+
+
+def make(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**{**SMALL, **overrides}))
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize('attn,q_lora_rank', [('mla', 0), ('mla', 20), ('mha', 0)])
+def test_causal(attn, q_lora_rank):
+    m = make(attn=attn, q_lora_rank=q_lora_rank).eval()
+    x = torch.randint(0, 97, (2, 24))
+    x2 = x.clone()
+    x2[:, 15:] = torch.randint(0, 97, (2, 9))
+    a, b = m(x, x)[0], m(x2, x2)[0]
+    assert torch.allclose(a[:, :15], b[:, :15], atol=1e-6)
+    assert not torch.allclose(a[:, 15:], b[:, 15:])
+
+
+@pytest.mark.parametrize('attn,mode,q_lora_rank', [('mla', 'latent', 0), ('mla', 'latent', 20),
+                                                   ('mla', 'naive', 0), ('mha', 'naive', 0)])
+def test_cached_decoding_matches_full_forward(attn, mode, q_lora_rank):
+    m = make(attn=attn, q_lora_rank=q_lora_rank).eval()
+    x = torch.randint(0, 97, (3, 24))
+    full = m(x, x)[0]
+    m.setup_cache(3, mode)
+    steps = [m(x[:, :7])[0][:, -1]] + [m(x[:, t:t + 1], start_pos=t)[0][:, -1] for t in range(7, 24)]
+    m.clear_cache()
+    assert rel_err(torch.stack(steps, 1), full[:, 6:]) < 1e-5
+
+
+def test_absorbed_matches_naive_fp32():
+    m = make(q_lora_rank=20).eval()
+    x = torch.randint(0, 97, (2, 20))
+    outs = {}
+    for mode in ('latent', 'naive'):
+        m.setup_cache(2, mode)
+        outs[mode] = torch.cat([m(x[:, :5])[0]] + [m(x[:, t:t + 1], start_pos=t)[0] for t in range(5, 20)], 1)
+        m.clear_cache()
+    assert rel_err(outs['latent'], outs['naive']) < 1e-5
+
+
+def test_latent_cache_size():
+    m = make()
+    c = m.cfg
+    m.setup_cache(2, 'latent')
+    latent = m.cache_values_per_token()
+    assert latent == c.n_layer * (c.kv_lora_rank + c.qk_rope_head_dim)
+    assert sum(t.numel() for layer in m.layers for t in layer.attn.cache) == 2 * c.block_size * latent
+    m.setup_cache(2, 'naive')
+    naive = m.cache_values_per_token()
+    assert naive == c.n_layer * c.n_head * (c.qk_head_dim + c.v_head_dim)
+    print(f"\nlatent cache {latent} values/token vs per-head K/V {naive}: {naive / latent:.2f}x smaller")
+    # DeepSeek-V3's own shape: 512 + 64 per layer against 128 heads of 192 + 128
+    v3 = dataclasses.replace(c, n_head=128, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)
+    print(f"at V3's shape: {128 * (192 + 128)} vs {512 + 64} per layer: {128 * 320 / 576:.1f}x smaller")
+    assert v3.kv_lora_rank + v3.qk_rope_head_dim < v3.n_head * (v3.qk_head_dim + v3.v_head_dim)
+
+
+def explicit_moe(moe, x):
+    """Slow reference: every token, every chosen expert, one at a time."""
+    weights, indices, _, _ = moe.gate(x)
+    out = torch.zeros_like(x)
+    for t in range(x.size(0)):
+        for w, e in zip(weights[t], indices[t]):
+            h = F.silu(x[t] @ moe.w1[e]) * (x[t] @ moe.w3[e])
+            out[t] += w * (h @ moe.w2[e])
+    return out + moe.shared_experts(x)
+
+
+@pytest.mark.parametrize('score_func,groups', [('softmax', (1, 1)), ('sigmoid', (1, 1)), ('sigmoid', (4, 2)),
+                                               ('softmax', (2, 1))])
+def test_moe_matches_explicit_loop(score_func, groups):
+    torch.manual_seed(1)
+    cfg = ModelConfig(**{**SMALL, 'score_func': score_func, 'n_expert_groups': groups[0],
+                         'n_limited_groups': groups[1], 'route_scale': 1.5})
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    moe.gate.bias.normal_(std=0.05)
+    x = torch.randn(2, 11, cfg.n_embd)
+    y, (balance, z), load = moe(x)
+    assert rel_err(y.view(22, -1), explicit_moe(moe, x.view(22, -1))) < 1e-5
+    assert load.sum().item() == 22 * cfg.n_activated_experts
+    assert balance.item() > 0
+
+
+def test_every_token_gets_k_distinct_experts():
+    moe = make().layers[1].ffn
+    weights, indices, scores, _ = moe.gate(torch.randn(50, 64))
+    assert indices.shape == (50, 3)
+    assert all(len(set(row)) == 3 for row in indices.tolist())
+    assert torch.equal(weights, scores.gather(1, indices))  # softmax gates: the chosen probabilities
+    assert torch.equal(indices.sort(-1)[0], scores.topk(3, -1)[1].sort(-1)[0])
+
+
+def test_bias_changes_selection_not_weights():
+    moe = make(score_func='sigmoid').layers[1].ffn
+    x = torch.randn(40, 64)
+    w0, i0, scores, _ = moe.gate(x)
+    moe.gate.bias[5] = 10.0  # expert 5 now wins every token's selection
+    w1, i1, _, _ = moe.gate(x)
+    assert (i1 == 5).any(-1).all() and not (i0 == 5).any(-1).all()
+    # the weights still come from the unbiased scores of the chosen experts
+    expect = scores.gather(1, i1)
+    assert torch.allclose(w1, expect / expect.sum(-1, keepdim=True))
+
+
+def test_overloaded_expert_bias_goes_down():
+    m = make()
+    load = torch.ones(len(m.moe_layers()), 8)
+    load[0, 2] = 30.0
+    m.update_router_biases(load)
+    bias = m.moe_layers()[0].gate.bias
+    assert bias[2] < 0 and (bias[[0, 1, 3]] > 0).all()
+
+
+def test_group_limited_routing_stays_in_allowed_groups():
+    cfg = ModelConfig(**{**SMALL, 'n_routed_experts': 16, 'n_expert_groups': 4, 'n_limited_groups': 2,
+                         'n_activated_experts': 4, 'score_func': 'sigmoid'})
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.gate.weight, std=0.5)
+    x = torch.randn(200, cfg.n_embd)
+    _, indices, scores, _ = moe.gate(x)
+    groups = indices // 4
+    assert all(len(set(row)) <= 2 for row in groups.tolist())
+    best_groups = scores.view(200, 4, 4).topk(2, -1)[0].sum(-1).topk(2, -1)[1].sort(-1)[0]
+    for row, allowed in zip(groups.tolist(), best_groups.tolist()):
+        assert set(row) <= set(allowed)
+
+
+def test_idle_experts_get_zero_gradient():
+    m = make()
+    moe = m.layers[1].ffn
+    moe.gate.bias[:3] = 100.0  # every token picks experts 0, 1, 2: experts 3..7 get no token
+    x = torch.randint(0, 97, (2, 8))
+    _, loss, stats = m(x, x)
+    loss.backward()
+    assert stats['load'][0, 3:].sum() == 0
+    per_expert = moe.w1.grad.abs().sum((1, 2)) + moe.w2.grad.abs().sum((1, 2))
+    assert (per_expert[3:] == 0).all() and (per_expert[:3] > 0).all()
+
+
+@pytest.mark.parametrize('score_func', ['softmax', 'sigmoid'])
+def test_both_gates_train(score_func):
+    m = make(score_func=score_func)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    x = torch.randint(0, 97, (4, 24))
+    first = None
+    for _ in range(15):
+        loss = m(x, x.roll(-1, 1))[1]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - 0.5
+
+
+def test_mtp_loss_only_in_training():
+    m = make(mtp_depth=1, mtp_lambda=0.5)
+    x = torch.randint(0, 97, (2, 24))
+    _, loss, stats = m(x, x)
+    assert stats['mtp'] > 0
+    assert torch.allclose(loss, stats['ce'] + stats['balance'] + stats['z'] + 0.5 * stats['mtp'])
+    plain = make(mtp_depth=0)
+    assert m.num_params() == plain.num_params()  # the MTP module is not part of the inference model
+    logits, loss, stats = m(x)
+    assert loss is None and stats is None and logits.shape == (2, 1, 97)
+
+
+def test_router_z_loss():
+    m = make(router_z_loss=1e-3)
+    x = torch.randint(0, 97, (2, 24))
+    assert m(x, x)[2]['z'] > 0
+    assert make()(x, x)[2]['z'] == 0
+
+
+def test_generate_reproducible_and_greedy():
+    m = make().eval()
+    x = torch.randint(0, 97, (2, 5))
+    torch.manual_seed(3)
+    a = m.generate(x, 30, temperature=1.0, top_k=20)
+    torch.manual_seed(3)
+    b = m.generate(x, 30, temperature=1.0, top_k=20)
+    assert torch.equal(a, b) and a.shape == (2, 35)
+    greedy = m.generate(x, 10, temperature=0)
+    ids = x
+    for _ in range(10):  # no cache: the full forward's argmax, token by token
+        ids = torch.cat([ids, m(ids)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(greedy, ids)
+
+
+def test_generate_past_block_size_and_long_prompt():
+    m = make().eval()
+    out = m.generate(torch.randint(0, 97, (1, 40)), 50, temperature=1.0)
+    assert out.shape == (1, 24 + 50)
+
+
+def test_top_k_top_p_stay_in_their_sets():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    topk = set()
+    for _ in range(200):
+        topk.update(sample_next(logits[:1], 1.0, top_k=5).flatten().tolist())
+    assert topk <= set(logits[0].topk(5)[1].tolist())
+    probs = logits[1].softmax(-1)
+    order = probs.argsort(descending=True)
+    nucleus = order[:int((probs[order].cumsum(0) < 0.6).sum()) + 1].tolist()
+    seen = {sample_next(logits[1:2], 1.0, top_p=0.6).item() for _ in range(300)}
+    assert seen <= set(nucleus) and len(seen) >= 1
+
+
+@pytest.mark.parametrize('field,value', [('kv_lora_rank', 0), ('n_activated_experts', 9), ('n_expert_groups', 3),
+                                         ('qk_rope_head_dim', 7), ('score_func', 'relu'), ('n_limited_groups', 2),
+                                         ('n_dense_layers', 4)])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**{**SMALL, field: value})
+
+
+def test_param_counts_and_optimizer_groups():
+    m = make()
+    c = m.cfg
+    routed = 3 * c.n_embd * c.moe_inter_dim * c.n_routed_experts * (c.n_layer - c.n_dense_layers)
+    assert m.num_params() - m.num_params(active=True) == routed * (8 - 3) // 8
+    opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    no_decay = {id(p) for p in opt.param_groups[1]['params']}
+    assert all(p.dim() < 2 for p in opt.param_groups[1]['params']) and no_decay
+    assert id(m.norm.weight) in no_decay
+    assert all(not n.endswith('gate.bias') for n, _ in m.named_parameters())  # a buffer, not trained
+    assert m.estimate_mfu(1e5, 'cpu') is None and m.flops_per_token() > 6 * m.num_params(active=True)
+
+
+def test_dense_baseline():
+    m = make(attn='mha', n_routed_experts=0)
+    assert not m.moe_layers()
+    x = torch.randint(0, 97, (2, 24))
+    _, loss, stats = m(x, x)
+    assert stats['load'] is None and loss.item() > 0
+
+
+def test_references_agree_with_definitions():
+    """The CPU references behind the seams, on ragged shapes with idle experts."""
+    torch.manual_seed(0)
+    x, ids = torch.randn(13, 7), torch.randint(0, 3, (13, 2))  # experts 3..5 get nothing
+    xs, offsets, row_map = ops.moe_permute(x, ids, 6)
+    assert offsets.tolist()[-3:] == [26, 26, 26] and offsets.dtype == torch.int32
+    assert torch.equal(xs[row_map.long()], x.repeat_interleave(2, 0))
+    ends = offsets.tolist()
+    for e, (s, t) in enumerate(zip([0] + ends[:-1], ends)):
+        assert (ids.flatten()[torch.argsort(row_map)[s:t]] == e).all()
+    q, qp = torch.randn(2, 3, 8), torch.randn(2, 3, 4)
+    ck, kp = torch.randn(2, 5, 8), torch.randn(2, 5, 4)
+    out = ops.latent_decode(q, qp, ck, kp, torch.tensor([1, 5], dtype=torch.int32), 0.5)
+    assert torch.allclose(out[0], ck[0, :1].expand(3, 8))  # a single cached token: its value
+    p = ((q[1] @ ck[1].T + qp[1] @ kp[1].T) * 0.5).softmax(-1)
+    assert torch.allclose(out[1], p @ ck[1], atol=1e-6)

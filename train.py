@@ -1,0 +1,343 @@
+"""
+Trains the MLA + DeepSeekMoE decoder of model.py. One process:
+$ python train.py config/train_tiny.py --batch_size=16
+DDP on one node with 4 GPUs:
+$ torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare.py
+Two nodes (run on each, node_rank 0 and 1):
+$ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 train.py ...
+Every global below can be set by a config file or --key=value (configurator.py).
+"""
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import ModelConfig, Transformer
+from prepare import read_shard
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out'
+eval_interval = 250
+log_interval = 10
+eval_iters = 50
+eval_only = False
+always_save_checkpoint = True  # ckpt.pt at every eval; False: only when val loss improves
+init_from = 'scratch'           # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+# data
+dataset = 'shakespeare'
+gradient_accumulation_steps = 1  # per optimizer step, over all processes
+batch_size = 32
+# model: every ModelConfig field is a global too; vocab_size 0 = the dataset's, padded to 64
+globals().update({f.name: f.default for f in fields(ModelConfig)})
+vocab_size = 0
+# AdamW, cosine decay after a linear warmup
+learning_rate = 1e-3
+max_iters = 5000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 = off
+decay_lr = True
+warmup_iters = 100
+lr_decay_iters = 5000
+min_lr = 1e-4
+# system: the best device present and what it supports
+backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
+compile = torch.cuda.is_available()
+seed = 1337
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: globals()[k] for k in config_keys}
+# -----------------------------------------------------------------------------
+
+
+def fail(msg):
+    raise SystemExit(f"train.py: error: {msg}")
+
+
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    if backend == 'nccl' and not torch.cuda.is_available():
+        fail("backend 'nccl' needs CUDA GPUs; use --backend=gloo to train on CPUs")
+    if backend not in ('nccl', 'gloo'):
+        fail(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+    dist.init_process_group(backend=backend)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if backend == 'nccl':
+        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+        torch.cuda.set_device(device)
+    else:
+        device = 'cpu'
+    if gradient_accumulation_steps % world_size:
+        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by the {world_size} processes")
+    gradient_accumulation_steps //= world_size
+else:
+    rank, world_size = 0, 1
+master = rank == 0
+device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    fail(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes)")
+torch.manual_seed(seed + rank)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+# -----------------------------------------------------------------------------
+# data: token shards from prepare.py, checked against their headers once here
+
+data_dir = os.path.join('data', dataset)
+meta_path = os.path.join(data_dir, 'meta.json')
+if not os.path.exists(meta_path):
+    fail(f"no dataset at {data_dir}: run `python prepare.py {dataset}` first")
+with open(meta_path) as f:
+    meta = json.load(f)
+
+
+def shard_paths(split):
+    paths = sorted(os.path.join(data_dir, n) for n in os.listdir(data_dir) if n.startswith(split + '_') and n.endswith('.bin'))
+    try:
+        lengths = [len(read_shard(p)) for p in paths]
+    except ValueError as e:
+        fail(e)
+    usable = [n - block_size for n in lengths if n > block_size]
+    if not usable:
+        fail(f"no {split} shard in {data_dir} holds more than block_size={block_size} tokens")
+    return [p for p, n in zip(paths, lengths) if n > block_size], np.cumsum(usable)
+
+
+shards = {split: shard_paths(split) for split in ('train', 'val')}
+
+
+def get_batch(split, rng):
+    """batch_size random windows. The rng is shared by all ranks (each takes its own rows), so the
+    samples depend on the step, not on how many processes share it, and resume exactly."""
+    paths, ends = shards[split]
+    starts = rng.integers(0, ends[-1], size=batch_size)
+    which = np.searchsorted(ends, starts, side='right')
+    starts = starts - np.concatenate([[0], ends])[which]
+    rows = []
+    for s, i in zip(starts, which):  # a fresh memmap per batch: memmaps held open leak memory
+        data = read_shard(paths[i])
+        rows.append(torch.from_numpy(data[s:s + block_size + 1].astype(np.int64)))
+    xy = torch.stack(rows)
+    x, y = xy[:, :-1], xy[:, 1:]
+    if device_type == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def batch_rng(step, micro_step, split='train'):
+    """The generator of one global micro-batch slot: rank r takes slots r*accum .. (r+1)*accum - 1."""
+    return np.random.default_rng([seed, step, rank * gradient_accumulation_steps + micro_step, split == 'val'])
+
+# -----------------------------------------------------------------------------
+# model, optimizer, checkpoint
+
+
+def checkpoint_path(name):
+    return os.path.join(out_dir, name)
+
+
+iter_num, best_val_loss = 0, float('inf')
+model_args = {f.name: globals()[f.name] for f in fields(ModelConfig)}
+model_args['vocab_size'] = vocab_size or 64 * math.ceil(meta['vocab_size'] / 64)
+checkpoint = None
+if init_from == 'resume':
+    try:
+        checkpoint = torch.load(checkpoint_path('ckpt.pt'), map_location=device, weights_only=False)
+    except FileNotFoundError:
+        fail(f"init_from='resume' but there is no {checkpoint_path('ckpt.pt')}")
+    except Exception as e:
+        fail(f"cannot read {checkpoint_path('ckpt.pt')}: {type(e).__name__}: {e}")
+    model_args = checkpoint['model_args']  # the architecture comes from the checkpoint
+    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+elif init_from != 'scratch':
+    fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+if model_args['vocab_size'] < meta['vocab_size']:
+    fail(f"vocab_size={model_args['vocab_size']} is smaller than the dataset's {meta['vocab_size']}")
+try:
+    gptconf = ModelConfig(**model_args)
+except ValueError as e:
+    fail(e)
+model = Transformer(gptconf)
+if checkpoint is not None:
+    model.load_state_dict(checkpoint['model'])
+model.to(device)
+if master:
+    print(f"parameters: {model.num_params() / 1e6:.2f}M total, {model.num_params(active=True) / 1e6:.2f}M active per token")
+
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    scaler.load_state_dict(checkpoint['scaler'])
+    if not ddp:  # each rank's dropout stream is its own; one process continues exactly
+        torch.set_rng_state(checkpoint['rng']['cpu'])
+        if device_type == 'cuda' and checkpoint['rng']['cuda'] is not None:
+            torch.cuda.set_rng_state(checkpoint['rng']['cuda'])
+checkpoint = None
+
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    # biases are kept equal by all-reducing the loads (below), so no buffer broadcast per step
+    model = DDP(model, device_ids=[torch.cuda.current_device()] if backend == 'nccl' else None,
+                broadcast_buffers=False)
+eval_model = model.module if ddp else model  # no DDP hooks for forward-only passes
+
+
+def save_checkpoint(name):
+    """Atomically: a crash mid-write leaves the previous file intact."""
+    ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+            'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
+            'tokenizer': meta['tokenizer'],
+            'rng': {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}}
+    tmp = checkpoint_path(name + '.tmp')
+    torch.save(ckpt, tmp)
+    os.replace(tmp, checkpoint_path(name))
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean cross-entropy over the same eval_iters batches every time, split across ranks."""
+    out = {}
+    model.eval()
+    for split in ('train', 'val'):
+        total = torch.zeros(2, device=device)
+        for k in range(rank, eval_iters, world_size):
+            X, Y = get_batch(split, np.random.default_rng([seed, k, 7]))
+            with ctx:
+                total += torch.stack([eval_model(X, Y)[2]['ce'].float(), torch.ones((), device=device)])
+        if ddp:
+            dist.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
+
+
+def get_lr(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def log(record):
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def plot_losses():
+    """out_dir/loss.png from log.jsonl, for a person to look at."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [r for r in records if r['kind'] == 'train']
+    ax.plot([r['iter'] for r in train], [r['ce'] for r in train], lw=0.8, alpha=0.6, label='train (batch)')
+    for split in ('train', 'val'):
+        evals = [r for r in records if r['kind'] == 'eval']
+        ax.plot([r['iter'] for r in evals], [r[split] for r in evals], marker='o', label=f'{split} (eval)')
+    ax.set(xlabel='iteration', ylabel='cross-entropy', title=f'{dataset}: {out_dir}')
+    ax.legend()
+    fig.savefig(os.path.join(out_dir, 'loss.png'), dpi=100, bbox_inches='tight')
+    plt.close(fig)
+
+# -----------------------------------------------------------------------------
+# training loop
+
+
+X, Y = get_batch('train', batch_rng(iter_num, 0))
+start_iter = iter_num  # a resumed run does not rewrite the checkpoint it started from
+t0 = time.time()
+local_iter_num, running_mfu = 0, -1.0
+while True:
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        losses = estimate_loss()
+        if not all(map(math.isfinite, losses.values())):
+            fail(f"eval loss is {losses} at step {iter_num}: stopping; the last good checkpoint is untouched")
+        if master:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log({'kind': 'eval', 'iter': iter_num, **losses, 'lr': lr})
+            improved = losses['val'] < best_val_loss
+            best_val_loss = min(best_val_loss, losses['val'])
+            if iter_num > start_iter and (improved or always_save_checkpoint):
+                save_checkpoint('ckpt.pt')
+                if improved:
+                    save_checkpoint('best.pt')
+                print(f"saved checkpoint to {out_dir}")
+            if iter_num > start_iter:
+                plot_losses()
+    if iter_num == max_iters or eval_only:
+        break
+
+    load = 0.0
+    for micro_step in range(gradient_accumulation_steps):
+        if ddp:  # sync gradients only on the last micro-step
+            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        with ctx:
+            _, loss, stats = model(X, Y)
+            loss = loss / gradient_accumulation_steps
+        load = load + (stats['load'] if stats['load'] is not None else 0.0)
+        last = micro_step == gradient_accumulation_steps - 1
+        X, Y = get_batch('train', batch_rng(iter_num + last, 0 if last else micro_step + 1))
+        scaler.scale(loss).backward()
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if isinstance(load, torch.Tensor):  # the auxiliary-loss-free bias update, same on every rank
+        if ddp:
+            dist.all_reduce(load)
+        raw_model.update_router_biases(load)
+
+    t1 = time.time()
+    dt, t0 = t1 - t0, t1
+    if iter_num % log_interval == 0 and master:
+        lossf = loss.item() * gradient_accumulation_steps
+        if not math.isfinite(lossf):
+            fail(f"loss is {lossf} at step {iter_num}: stopping; the last good checkpoint is untouched")
+        parts = {k: v.item() for k, v in stats.items() if k != 'load'}
+        tokens_per_sec = tokens_per_iter / dt
+        mfu = raw_model.estimate_mfu(tokens_per_sec / world_size, device)
+        if local_iter_num >= 5 and mfu is not None:
+            running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+        imbalance = (load.max(-1).values / load.mean(-1)).mean().item() if isinstance(load, torch.Tensor) else 1.0
+        print(f"iter {iter_num}: loss {lossf:.4f} (ce {parts['ce']:.4f} bal {parts['balance']:.4f} "
+              f"z {parts['z']:.4f} mtp {parts['mtp']:.4f}), lr {lr:.2e}, {dt * 1000:.0f}ms, "
+              f"{tokens_per_sec:,.0f} tok/s, mfu {f'{running_mfu:.1%}' if running_mfu >= 0 else 'n/a'}, "
+              f"load max/mean {imbalance:.2f}")
+        log({'kind': 'train', 'iter': iter_num, 'loss': lossf, **parts, 'lr': lr, 'ms': dt * 1000,
+             'tokens_per_sec': tokens_per_sec, 'mfu': mfu, 'load_imbalance': imbalance})
+    iter_num += 1
+    local_iter_num += 1
+
+if ddp:
+    dist.destroy_process_group()
