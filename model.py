@@ -283,7 +283,8 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         load = torch.diff(offsets, prepend=offsets.new_zeros(1)).float()  # tokens per expert
-        return y.view(B, T, D), self.aux_losses(scores, logits, indices, B, T), load
+        aux = self.aux_losses(scores, logits, indices, B, T) if self.training else None
+        return y.view(B, T, D), aux, load
 
     def aux_losses(self, scores, logits, indices, B, T):
         """V3's sequence-wise balance loss alpha * sum_i f_i P_i, and the router z-loss."""
@@ -365,8 +366,9 @@ class Transformer(nn.Module):
         h, aux, loads = self.drop(self.embed(idx)), [], []
         for layer in self.layers:
             h, layer_aux, load = layer(h, cos, sin, start_pos)
-            if load is not None:
+            if layer_aux is not None:
                 aux.append(layer_aux)
+            if load is not None:
                 loads.append(load)
         if targets is None:
             return self.head(self.norm(h[:, [-1]])).float(), None, None

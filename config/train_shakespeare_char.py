@@ -1,0 +1,32 @@
+# Character-level Shakespeare on one GPU: nanoGPT's baby GPT budget (<= 10.65M active parameters
+# per token, batch 64 x 256) spent on MLA + DeepSeekMoE (16 fine-grained experts, top-2, 1 shared).
+out_dir = 'out-shakespeare-char'
+dataset = 'shakespeare_char'
+eval_interval = 250
+eval_iters = 50
+log_interval = 50
+always_save_checkpoint = False  # it overfits: keep the best
+
+batch_size = 64
+block_size = 256
+n_layer = 6
+n_embd = 384
+n_head = 6
+kv_lora_rank = 128
+qk_nope_head_dim = 64
+qk_rope_head_dim = 32
+v_head_dim = 64
+n_dense_layers = 1
+dense_inter_dim = 1024
+n_routed_experts = 16
+n_shared_experts = 1
+n_activated_experts = 2
+moe_inter_dim = 256
+dropout = 0.2
+
+learning_rate = 1e-3
+max_iters = 2000
+lr_decay_iters = 2000
+min_lr = 1e-4
+beta2 = 0.99
+warmup_iters = 100
