@@ -250,7 +250,9 @@ class Gate(nn.Module):
 
 def grouped_mm(x, w, offsets):
     """x [M, K] rows grouped by expert, w [E, K, N], offsets = end rows -> [M, N]."""
-    if hasattr(F, 'grouped_mm') and (x.dtype == torch.bfloat16 or x.dtype == torch.float32 and x.device.type == 'cpu'):
+    # grouped_mm takes bf16 everywhere and fp32 on CPU, though not yet under torch.compile
+    fp32_ok = x.device.type == 'cpu' and not torch.compiler.is_compiling()
+    if hasattr(F, 'grouped_mm') and (x.dtype == torch.bfloat16 or x.dtype == torch.float32 and fp32_ok):
         return F.grouped_mm(x, w, offs=offsets)
     ends = offsets.tolist()  # a clear per-expert loop where grouped_mm is missing (syncs the host)
     return torch.cat([x[s:e] @ w[i] for i, (s, e) in enumerate(zip([0] + ends[:-1], ends))])
@@ -451,16 +453,18 @@ class Transformer(nn.Module):
         return sum(t[0, 0].numel() for layer in self.layers if layer.attn.cache for t in layer.attn.cache)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, cache_mode='latent'):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, cache_mode='latent',
+                 n_vocab=None):
         """Continue idx [B, T] by max_new_tokens, decoding through the KV cache. A prompt longer than
         block_size is cropped to its last block_size tokens; when the cache fills up, the context
-        is re-prefilled from its last half, so each token still sees at least block_size/2."""
+        is re-prefilled from its last half, so each token still sees at least block_size/2.
+        n_vocab: the tokenizer's size, where vocab_size was padded beyond it."""
         idx = idx[:, -self.cfg.block_size:]
         self.setup_cache(idx.size(0), cache_mode)
         try:
             logits, pos = self(idx)[0], idx.size(1)
             for _ in range(max_new_tokens):
-                idx = torch.cat([idx, sample_next(logits[:, -1], temperature, top_k, top_p)], 1)
+                idx = torch.cat([idx, sample_next(logits[:, -1, :n_vocab], temperature, top_k, top_p)], 1)
                 if pos == self.cfg.block_size:
                     window = idx[:, -(self.cfg.block_size // 2):]
                     logits, pos = self(window)[0], window.size(1)

@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import torch
 
 from model import ModelConfig, Transformer
-from prepare import get_tokenizer
+from prepare import get_tokenizer, vocab_size_of
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
@@ -68,7 +68,8 @@ x = torch.tensor(start_ids, dtype=torch.long, device=device)[None].repeat(num_sa
 
 t0 = time.time()
 y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                   top_p=top_p if top_p < 1.0 else None, cache_mode=cache_mode)
+                   top_p=top_p if top_p < 1.0 else None, cache_mode=cache_mode,
+                   n_vocab=vocab_size_of(checkpoint['tokenizer']))
 if 'cuda' in device:
     torch.cuda.synchronize()
 dt = time.time() - t0

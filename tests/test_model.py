@@ -273,3 +273,9 @@ def test_references_agree_with_definitions():
     assert torch.allclose(out[0], ck[0, :1].expand(3, 8))  # a single cached token: its value
     p = ((q[1] @ ck[1].T + qp[1] @ kp[1].T) * 0.5).softmax(-1)
     assert torch.allclose(out[1], p @ ck[1], atol=1e-6)
+
+
+def test_generate_never_samples_padded_vocab():
+    m = make().eval()
+    out = m.generate(torch.randint(0, 10, (4, 3)), 40, temperature=2.0, n_vocab=10)
+    assert out.max() < 10
