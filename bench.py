@@ -155,6 +155,17 @@ del x, w1, w2, w3, W1, W2, W3
 # latent decode, R=512 P=64 bf16: bytes = the cache entries read + q + out
 
 R, P, TMAX = 512, 64, 8192
+
+
+def einsum_decode(q_latent, q_pe, c_kv, k_pe, lengths, scale):
+    """The absorbed decode as plain einsums in the input dtype (softmax in fp32): what PyTorch does
+    without the kernel and without the reference's fp32 upcast of the cache."""
+    scores = (torch.einsum('bhr,btr->bht', q_latent, c_kv) + torch.einsum('bhp,btp->bht', q_pe, k_pe)).float()
+    beyond = torch.arange(c_kv.shape[1], device=c_kv.device) >= lengths.view(-1, 1)
+    p = (scores * scale).masked_fill(beyond.unsqueeze(1), float('-inf')).softmax(-1)
+    return torch.einsum('bht,btr->bhr', p.to(c_kv.dtype), c_kv)
+
+
 for B, H, ragged in [(32, 16, False), (32, 16, True), (32, 128, False), (32, 128, True), (1, 16, False),
                      (1, 128, False)]:
     lengths = (torch.randint(1, TMAX + 1, (B,), device='cuda') if ragged else torch.full((B,), TMAX, device='cuda'))
@@ -167,7 +178,9 @@ for B, H, ragged in [(32, 16, False), (32, 16, True), (32, 128, False), (32, 128
     nbytes, flops = n * (R + P) * 2 + B * H * (R + P + R) * 2, 2 * H * n * (R + P + R)
     ms = bench(lambda i: lambda: ops.latent_decode(*inputs[i]), sets=sets)
     ref = bench(lambda i: lambda: ops.latent_decode_reference(*inputs[i]), sets=sets)
-    report('latent_decode', f"B={B} T={TMAX}{' ragged' if ragged else ''} H={H}", ms, ref, nbytes, flops)
+    shape = f"B={B} T={TMAX}{' ragged' if ragged else ''} H={H}"
+    report('latent_decode', shape, ms, ref, nbytes, flops)
+    report('bf16 einsum decode', shape, bench(lambda i: lambda: einsum_decode(*inputs[i]), sets=sets), None, nbytes, flops)
     del inputs
 
 # -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ max_iters = 60
 warmup_iters = 10
 lr_decay_iters = 60
 learning_rate = 3e-4
-gradient_accumulation_steps = 4   # over all processes: 2 GPUs run 2 micro-steps each
+gradient_accumulation_steps = 8   # over all processes: 2 GPUs run 4 micro-steps each
 batch_size = 16
 block_size = 1024
 

@@ -28,7 +28,7 @@ dropout = 0.2
 mtp_depth = 1
 
 learning_rate = 6e-4
-max_iters = 600
-lr_decay_iters = 600
+max_iters = 300
+lr_decay_iters = 300
 min_lr = 6e-5
 warmup_iters = 50

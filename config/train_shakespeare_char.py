@@ -1,5 +1,6 @@
 # Character-level Shakespeare on one GPU: nanoGPT's baby GPT budget (<= 10.65M active parameters
-# per token, batch 64 x 256) spent on MLA + DeepSeekMoE (16 fine-grained experts, top-2, 1 shared).
+# per token) spent on MLA + DeepSeekMoE (16 fine-grained experts, top-2, 1 shared). 29.6M parameters
+# in all overfit 1M characters fast: smaller batches and strong weight decay did best in a sweep.
 out_dir = 'out-shakespeare-char'
 dataset = 'shakespeare_char'
 eval_interval = 250
@@ -7,7 +8,7 @@ eval_iters = 50
 log_interval = 50
 always_save_checkpoint = False  # it overfits: keep the best
 
-batch_size = 64
+batch_size = 32
 block_size = 256
 n_layer = 6
 n_embd = 384
@@ -24,9 +25,10 @@ n_activated_experts = 2
 moe_inter_dim = 256
 dropout = 0.2
 
-learning_rate = 1e-3
+learning_rate = 6e-4
+weight_decay = 1.0
 max_iters = 2000
 lr_decay_iters = 2000
-min_lr = 1e-4
+min_lr = 6e-5
 beta2 = 0.99
 warmup_iters = 100

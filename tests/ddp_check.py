@@ -38,7 +38,7 @@ sys.argv = [str(Path(model.__file__).with_name('train.py'))] + sys.argv[1:]
 g = runpy.run_path(sys.argv[0], run_name='__main__')
 
 state = {k: v.detach().cpu() for k, v in g['raw_model'].state_dict().items()}
-flat = torch.cat([v.flatten().double() for v in state.values()])
+flat = torch.cat([v.flatten().double() for v in state.values()]).to(g['device'])  # NCCL gathers GPU tensors
 world_size = dist.get_world_size() if dist.is_initialized() else 1
 gathered = [torch.empty_like(flat) for _ in range(world_size)]
 if world_size > 1:
