@@ -174,3 +174,25 @@ def test_two_nodes_on_one_machine(work):
     assert all(n.returncode == 0 for n in nodes), outs
     assert sorted(os.listdir(work / 'twonode')) == ['best.pt', 'ckpt.pt', 'log.jsonl', 'loss.png']
     assert '(2 processes)' in outs[0] + outs[1]
+
+
+def test_resume_with_another_world_size(work):
+    """3 steps in one process, resumed under torchrun with 2: the same run as 6 steps straight."""
+    run([str(REPO / 'tests' / 'ddp_check.py'), *MICRO, *DDP_ARGS, '--out_dir=straight6'], work)
+    train(work, *DDP_ARGS, '--out_dir=regrown', '--max_iters=3')
+    torchrun(work, 2, '--out_dir=regrown', '--init_from=resume', extra=['--standalone'])
+    straight, regrown = torch.load(work / 'straight6' / 'state.pt'), torch.load(work / 'regrown' / 'state.pt')
+    assert regrown['world_size'] == 2 and regrown['ranks_bitwise_equal']
+    for name, value in straight['state'].items():
+        assert torch.allclose(regrown['state'][name], value, rtol=1e-4, atol=1e-6), name
+    assert records(work / 'regrown', 'eval')[-1]['val'] == pytest.approx(records(work / 'straight6', 'eval')[-1]['val'], rel=1e-5)
+
+
+@pytest.mark.parametrize('backend,message', [('nccl', "backend 'nccl' needs CUDA GPUs"),
+                                             ('mpi', "backend must be 'nccl' or 'gloo'")])
+def test_bad_backend_is_one_line(work, backend, message):
+    if backend == 'nccl' and torch.cuda.is_available():
+        pytest.skip('nccl is a valid backend where CUDA is present')
+    env = {'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '1', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': '29999'}
+    p = run([str(REPO / 'train.py'), *MICRO, f'--backend={backend}'], work, check=False, env=env)
+    assert p.returncode != 0 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1
