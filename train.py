@@ -11,11 +11,12 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
+from dataclasses import fields
+
 # CPU: back large tensors with 2 MB pages; with 4 KB ones, a tiny model's 200 MB of logits cost more
 # in page faults each step than in arithmetic. Read once, at torch's first allocation.
 os.environ.setdefault('THP_MEM_ALLOC_ENABLE', '1')
-from contextlib import nullcontext
-from dataclasses import asdict, fields
 
 import numpy as np
 import torch

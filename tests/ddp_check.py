@@ -37,8 +37,9 @@ dist.destroy_process_group = lambda: None  # keep the group for the check below
 sys.argv = [str(Path(model.__file__).with_name('train.py'))] + sys.argv[1:]
 g = runpy.run_path(sys.argv[0], run_name='__main__')
 
-state = {k: v.detach().cpu() for k, v in g['raw_model'].state_dict().items()}
-flat = torch.cat([v.flatten().double() for v in state.values()]).to(g['device'])  # NCCL gathers GPU tensors
+on_device = g['raw_model'].state_dict()  # gathered where it lives: NCCL takes GPU tensors only
+flat = torch.cat([v.flatten().double() for v in on_device.values()])
+state = {k: v.detach().cpu() for k, v in on_device.items()}
 world_size = dist.get_world_size() if dist.is_initialized() else 1
 gathered = [torch.empty_like(flat) for _ in range(world_size)]
 if world_size > 1:
