@@ -2,17 +2,19 @@
 //
 // Each query head attends over K = [c_kv | k_pe] (R + P dims) and reads out V = c_kv (R dims), so
 // all heads of a sequence share one cache: a block loads a tile of cache entries once and uses it
-// for 16 heads. The sequence is cut into `splits` chunks when B * head-groups alone would leave
+// for 16 or 32 heads. The sequence is cut into `splits` chunks when B * head-groups alone would leave
 // SMs idle; each (head group, chunk, sequence) block writes a partial output normalized by its own
 // softmax sum plus the log-sum-exp, and combine_kernel merges the chunks.
 //
-// tc_decode_kernel (bf16/fp16): tensor cores through mma.sync m16n8k16, 16 heads = the m of the mma.
-//   4 warps; per tile of 32 cache entries (double-buffered through cp.async):
-//   scores  S[16 heads][32 entries] = Q K^T: the (R+P)/16 k-steps are dealt round-robin to the
-//           warps (each keeps its q fragments in registers); partial sums meet in shared memory
-//   softmax online, in the exp2 domain, fp32; every warp redoes it for the whole tile (512 exps)
-//   output  O[16][R] += P V: each warp owns R/4 output dims; P goes from the score accumulators
-//           straight into A fragments (bf16), V fragments come from the same tile via ldmatrix.trans
+// tc_decode_kernel (bf16/fp16): tensor cores through mma.sync m16n8k16, MT m-tiles of 16 heads
+//   (MT = 2 once H > 16), 4 * MT warps; per tile of 32 cache entries (double-buffered, cp.async):
+//   scores  S[heads][32 entries] = Q K^T: each warp takes 9 of the (R+P)/16 k-steps (its q fragments
+//           stay in registers) over 32 / MT entries, and each K fragment feeds every m-tile;
+//           the 4 partial sums of a score meet in shared memory
+//   softmax online, in the exp2 domain, fp32; each warp adds up the partials of 4 heads and writes
+//           their p (bf16) and rescale factors back to shared memory
+//   output  O[heads][R] = alpha O + P V: each warp owns R / (4 * MT) output dims of every head; V
+//           fragments come from the same tile via ldmatrix.trans and each feeds every m-tile
 // simt_decode_kernel (any float dtype, any shape): one warp per head walks the entries one by one.
 // It serves fp32/fp64 and shapes the tensor-core kernel does not take.
 #include <ATen/ATen.h>
@@ -29,15 +31,23 @@
 namespace {
 
 constexpr int TILE = 32;         // cache entries per pipeline stage: two k-steps of the P V mma
-constexpr int WARPS = 4;         // tensor-core kernel
-constexpr int HEADS = 16;        // heads per block in the tensor-core kernel
-constexpr int MAX_KSTEPS = 9;    // q fragments per warp: (R + P) / 16 <= 36 k-steps over 4 warps
-constexpr int MAX_NTILES = 16;   // output n-tiles per warp: R / 4 / 8 <= 16, so R <= 512
 constexpr int PAD = 8;           // elements per shared cache row: row stride = 16 bytes * odd, so the
                                  // 8 rows an ldmatrix reads fall in 8 different bank groups
 constexpr int SROW = TILE + 8;   // partial-score row stride (floats): conflict-free float2 stores
+constexpr int PROW = TILE + 8;   // probability row stride (elements): 80-byte rows, conflict-free ldmatrix
 constexpr int SIMT_WARPS = 4;    // heads per block in the fallback kernel
 constexpr int MAX_SPLITS = 256;
+
+// The tensor-core kernel's block: MT m-tiles of 16 heads and 4 * MT warps. For the scores the warps
+// form 4 k-groups x MT entry groups: warp w sums k-steps w % 4 + 4i (i < 9, so R + P <= 576) over the
+// entries of group w / 4, so all warps do equal work and each score has 4 partial sums. For the
+// softmax each warp owns 4 heads; for P V, R / (4 * MT) output dims of every head (R <= 512).
+template <int MT>
+struct TcShape {
+    static constexpr int WARPS = 4 * MT, HEADS = 16 * MT, KGROUPS = 4, KSTEPS = 9;
+    static constexpr int ENTRIES = TILE / MT;       // entries per entry group: 32 or 16
+    static constexpr int NTILES = 512 / WARPS / 8;  // output n-tiles per warp and m-tile
+};
 
 template <typename scalar_t, typename acc_t>
 struct DecodeArgs {
@@ -118,34 +128,44 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 // --------------------------------------------------------------------------------------------
 // kernels
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(WARPS * 32, 2) tc_decode_kernel(const DecodeArgs<scalar_t, float> a) {
+// KR, KP: R and P fixed at compile time (0: read from the arguments). With DeepSeek's 512 + 64 fixed,
+// every shared-memory offset and loop bound is a constant.
+template <typename scalar_t, int MT, int KR, int KP>
+__global__ void __launch_bounds__(TcShape<MT>::WARPS * 32, 2 / MT) tc_decode_kernel(const DecodeArgs<scalar_t, float> a) {
+    using S = TcShape<MT>;
     extern __shared__ __align__(16) unsigned char smem[];
-    const int RP = a.R + a.P, ld = RP + PAD, nks = RP / 16, dims = a.R / WARPS;
-    scalar_t* kv = reinterpret_cast<scalar_t*>(smem);                 // [2][TILE][ld] cache tiles
-    float* red = reinterpret_cast<float*>(kv + 2 * TILE * ld);        // [WARPS][HEADS][SROW] scores
+    const int R = KR ? KR : a.R, P = KR ? KP : a.P;
+    const int RP = R + P, ld = RP + PAD, nks = RP / 16, dims = R / S::WARPS;
+    scalar_t* kv = reinterpret_cast<scalar_t*>(smem);                  // [2][TILE][ld] cache tiles
+    float* red = reinterpret_cast<float*>(kv + 2 * TILE * ld);         // [KGROUPS][HEADS][SROW] partial scores
+    float* rescale = red + S::KGROUPS * S::HEADS * SROW;               // [HEADS] alpha of this tile
+    float* norm = rescale + S::HEADS;                                  // [HEADS] 1 / l at the end
+    scalar_t* prob = reinterpret_cast<scalar_t*>(norm + S::HEADS);     // [HEADS][PROW] p of this tile
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-    const int h0 = blockIdx.x * HEADS, split = blockIdx.y, b = blockIdx.z;
+    const int kg = warp % S::KGROUPS, eg = warp / S::KGROUPS;
+    const int h0 = blockIdx.x * S::HEADS, split = blockIdx.y, b = blockIdx.z;
     const int len = min(a.lengths[b], a.Tmax);
     const int begin = split * a.chunk, end = min(begin + a.chunk, len);
     const int ntiles = end > begin ? (end - begin + TILE - 1) / TILE : 0;
 
-    // this warp's k-steps of q as mma A fragments (rows: heads g and g+8; dims 2*t4 and 2*t4+8)
-    uint32_t qf[MAX_KSTEPS][4];
+    // this warp's k-steps of q as mma A fragments (rows: heads g and g+8 of each m-tile; dims 2*t4, 2*t4+8)
+    uint32_t qf[MT][S::KSTEPS][4];
 #pragma unroll
-    for (int i = 0; i < MAX_KSTEPS; i++)
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int r = 0; r < 4; r++) {
-            const int h = h0 + g + (r & 1) * 8, d = (warp + i * WARPS) * 16 + 2 * t4 + (r >> 1) * 8;
-            const scalar_t* q = d < a.R ? a.q_latent + ((int64_t)b * a.H + h) * a.R + d
-                                        : a.q_pe + ((int64_t)b * a.H + h) * a.P + d - a.R;
-            qf[i][r] = h < a.H && d < RP ? *reinterpret_cast<const uint32_t*>(q) : 0;
-        }
+        for (int i = 0; i < S::KSTEPS; i++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int h = h0 + mt * 16 + g + (r & 1) * 8, d = (kg + i * S::KGROUPS) * 16 + 2 * t4 + (r >> 1) * 8;
+                const scalar_t* q = d < R ? a.q_latent + ((int64_t)b * a.H + h) * R + d
+                                          : a.q_pe + ((int64_t)b * a.H + h) * P + d - R;
+                qf[mt][i][r] = h < a.H && d < RP ? *reinterpret_cast<const uint32_t*>(q) : 0;
+            }
 
     // Each thread copies the same 16-byte column of every step-th cache entry, tile after tile: the
     // addressing is worked out once here, not per piece (that had made the kernel issue-bound).
-    const int ckv_pieces = a.R / 8, kpe_pieces = a.P / 8, tid = threadIdx.x;
-    const int ckv_step = WARPS * 32 / ckv_pieces, kpe_step = WARPS * 32 / kpe_pieces;
+    const int ckv_pieces = R / 8, kpe_pieces = P / 8, tid = threadIdx.x, threads = S::WARPS * 32;
+    const int ckv_step = threads / ckv_pieces, kpe_step = threads / kpe_pieces;
     const int ckv_row = tid < ckv_step * ckv_pieces ? tid / ckv_pieces : TILE, ckv_col = tid % ckv_pieces * 8;
     const int kpe_row = tid < kpe_step * kpe_pieces ? tid / kpe_pieces : TILE, kpe_col = tid % kpe_pieces * 8;
     const scalar_t* ckv_src = a.c_kv + b * a.ckv_b + ckv_col;
@@ -158,127 +178,138 @@ __global__ void __launch_bounds__(WARPS * 32, 2) tc_decode_kernel(const DecodeAr
         }
         for (int row = kpe_row; row < TILE; row += kpe_step) {
             const int t = t0 + row;
-            cp_async16(dst + row * ld + a.R + kpe_col, kpe_src + (int64_t)(t < end ? t : 0) * a.kpe_t, t < end);
+            cp_async16(dst + row * ld + R + kpe_col, kpe_src + (int64_t)(t < end ? t : 0) * a.kpe_t, t < end);
         }
     };
 
-    float o[MAX_NTILES][4] = {};  // rows g, g+8; this warp's dims j*8 + 2*t4, +1
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-    if (ntiles > 0) load_tile(0, begin);
-    cp_async_commit();
-    for (int it = 0; it < ntiles; it++) {
-        if (it + 1 < ntiles) load_tile((it + 1) % 2, begin + (it + 1) * TILE);
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        const scalar_t* tile = kv + (it % 2) * TILE * ld;
-
-        // partial scores over this warp's k-steps; 4 n-tiles of 8 entries
-        float s[4][4] = {};
+    // partial scores over this warp's k-steps and entry group: MT m-tiles x ENTRIES / 8 n-tiles; each
+    // K fragment feeds every m-tile
+    auto partial_scores = [&](const scalar_t* tile) {
+        float s[MT][S::ENTRIES / 8][4] = {};
 #pragma unroll
-        for (int i = 0; i < MAX_KSTEPS; i++) {
-            const int ks = warp + i * WARPS;
+        for (int i = 0; i < S::KSTEPS; i++) {
+            const int ks = kg + i * S::KGROUPS;
             if (ks < nks)
 #pragma unroll
-                for (int half = 0; half < 2; half++) {
-                    uint32_t kf[4];  // entries half*16 + [0,8) and [8,16), dims ks*16 + [0,8) and [8,16)
-                    ldmatrix_x4(kf, tile + (half * 16 + lane / 16 * 8 + lane % 8) * ld + ks * 16 + lane / 8 % 2 * 8);
-                    mma<scalar_t>(s[2 * half], qf[i], kf[0], kf[1]);
-                    mma<scalar_t>(s[2 * half + 1], qf[i], kf[2], kf[3]);
+                for (int half = 0; half < S::ENTRIES / 16; half++) {
+                    uint32_t kf[4];  // entries row0 + [0,8) and [8,16), dims ks*16 + [0,8) and [8,16)
+                    const int row0 = eg * S::ENTRIES + half * 16;
+                    ldmatrix_x4(kf, tile + (row0 + lane / 16 * 8 + lane % 8) * ld + ks * 16 + lane / 8 % 2 * 8);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma<scalar_t>(s[mt][2 * half], qf[mt][i], kf[0], kf[1]);
+                        mma<scalar_t>(s[mt][2 * half + 1], qf[mt][i], kf[2], kf[3]);
+                    }
                 }
         }
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++)
+        for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-            for (int r = 0; r < 2; r++)
-                *reinterpret_cast<float2*>(red + (warp * HEADS + g + r * 8) * SROW + nt * 8 + 2 * t4) =
-                    make_float2(s[nt][2 * r], s[nt][2 * r + 1]);
-        __syncthreads();
+            for (int nt = 0; nt < S::ENTRIES / 8; nt++)
+#pragma unroll
+                for (int r = 0; r < 2; r++)
+                    *reinterpret_cast<float2*>(red + (kg * S::HEADS + mt * 16 + g + r * 8) * SROW + eg * S::ENTRIES +
+                                               nt * 8 + 2 * t4) = make_float2(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]);
+    };
 
-        // full scores for this thread's fragment positions, masked past the end, in the exp2 domain
-        const int t0 = begin + it * TILE;
+    // online softmax, once per score: this lane adds up the k-groups' partials for head `own`, entries
+    // e0..e0+3, masks past the end, and leaves p (bf16) and the head's rescale factor in shared memory.
+    // 8 lanes share a head; entry t0 is always valid, so the tile max is finite.
+    const int own = warp * 4 + lane / 8, e0 = lane % 8 * 4;
+    float m = -INFINITY, l = 0.f;  // l: this lane's share, summed over the 8 lanes at the end
+    auto softmax = [&](int t0) {
+        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++)
+        for (int k = 0; k < S::KGROUPS; k++) {
+            const float4 v = *reinterpret_cast<const float4*>(red + (k * S::HEADS + own) * SROW + e0);
+            sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+        }
+        float p[4] = {sum.x, sum.y, sum.z, sum.w}, mx = m;
 #pragma unroll
-            for (int r = 0; r < 2; r++) {
-                float2 sum = make_float2(0.f, 0.f);
+        for (int c = 0; c < 4; c++) {
+            p[c] = t0 + e0 + c < end ? p[c] * a.scale_log2 : -INFINITY;
+            mx = fmaxf(mx, p[c]);
+        }
 #pragma unroll
-                for (int w = 0; w < WARPS; w++) {
-                    const float2 v = *reinterpret_cast<const float2*>(red + (w * HEADS + g + r * 8) * SROW + nt * 8 + 2 * t4);
-                    sum.x += v.x;
-                    sum.y += v.y;
-                }
-                const int t = t0 + nt * 8 + 2 * t4;
-                s[nt][2 * r] = t < end ? sum.x * a.scale_log2 : -INFINITY;
-                s[nt][2 * r + 1] = t + 1 < end ? sum.y * a.scale_log2 : -INFINITY;
+        for (int offset = 1; offset < 8; offset *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
+        const float alpha = exp2f(m - mx);
+        m = mx;
+        l *= alpha;
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            p[c] = exp2f(p[c] - mx);
+            l += p[c];
+        }
+        *reinterpret_cast<uint2*>(prob + own * PROW + e0) =
+            make_uint2(pack2<scalar_t>(p[0], p[1]), pack2<scalar_t>(p[2], p[3]));
+        if (lane % 8 == 0) rescale[own] = alpha;
+    };
+
+    // O[heads][this warp's dims] = alpha O + P V; each V fragment feeds every m-tile
+    float o[MT][S::NTILES][4] = {};  // per m-tile: rows g, g+8; this warp's dims j*8 + 2*t4, +1
+    auto accumulate = [&](const scalar_t* tile) {
+        uint32_t pf[MT][2][4];  // A fragments of p: k-step kk = entries kk*16 + [0,16)
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            const float a_lo = rescale[mt * 16 + g], a_hi = rescale[mt * 16 + g + 8];
+#pragma unroll
+            for (int j = 0; j < S::NTILES; j++) {
+                o[mt][j][0] *= a_lo, o[mt][j][1] *= a_lo;
+                o[mt][j][2] *= a_hi, o[mt][j][3] *= a_hi;
             }
-
-        // online softmax per head row; a quad of lanes holds one row pair, so reduce across it.
-        // Entry t0 is always valid, so the tile max is finite.
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            float mx = m[r];
-#pragma unroll
-            for (int nt = 0; nt < 4; nt++) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float alpha = exp2f(m[r] - mx);
-            m[r] = mx;
-            float sum = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < 4; nt++)
-#pragma unroll
-                for (int c = 0; c < 2; c++) {
-                    s[nt][2 * r + c] = exp2f(s[nt][2 * r + c] - mx);
-                    sum += s[nt][2 * r + c];
-                }
-            l[r] = l[r] * alpha + sum;  // this thread's share; the quad is summed once at the end
-#pragma unroll
-            for (int j = 0; j < MAX_NTILES; j++) {
-                o[j][2 * r] *= alpha;
-                o[j][2 * r + 1] *= alpha;
-            }
-        }
-
-        // the score accumulators of n-tiles 2kk and 2kk+1 are exactly the A fragment of k-step kk
-        uint32_t pf[2][4];
-#pragma unroll
-        for (int kk = 0; kk < 2; kk++) {
-            pf[kk][0] = pack2<scalar_t>(s[2 * kk][0], s[2 * kk][1]);
-            pf[kk][1] = pack2<scalar_t>(s[2 * kk][2], s[2 * kk][3]);
-            pf[kk][2] = pack2<scalar_t>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pf[kk][3] = pack2<scalar_t>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            for (int kk = 0; kk < 2; kk++)
+                ldmatrix_x4(pf[mt][kk], prob + (mt * 16 + lane % 16) * PROW + kk * 16 + lane / 16 * 8);
         }
 #pragma unroll
-        for (int j = 0; j < MAX_NTILES; j++)
+        for (int j = 0; j < S::NTILES; j++)
             if (j * 8 < dims) {
                 uint32_t vf[4];  // lane i addresses entry i: entries [0,16) are k-step 0, [16,32) k-step 1
                 ldmatrix_x4_trans(vf, tile + lane * ld + warp * dims + j * 8);
-                mma<scalar_t>(o[j], pf[0], vf[0], vf[1]);
-                mma<scalar_t>(o[j], pf[1], vf[2], vf[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma<scalar_t>(o[mt][j], pf[mt][0], vf[0], vf[1]);
+                    mma<scalar_t>(o[mt][j], pf[mt][1], vf[2], vf[3]);
+                }
             }
-        __syncthreads();  // the next iteration overwrites this stage and the partial scores
+    };
+
+    if (ntiles > 0) load_tile(0, begin);
+    cp_async_commit();
+    for (int it = 0; it < ntiles; it++) {
+        cp_async_wait<0>();
+        __syncthreads();  // tile `it` has landed, and every warp is done with the previous one
+        if (it + 1 < ntiles) load_tile((it + 1) % 2, begin + (it + 1) * TILE);
+        cp_async_commit();
+        const scalar_t* tile = kv + it % 2 * TILE * ld;
+        partial_scores(tile);
+        __syncthreads();
+        softmax(begin + it * TILE);
+        __syncthreads();
+        accumulate(tile);
     }
 
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    for (int offset = 1; offset < 8; offset *= 2) l += __shfl_xor_sync(0xffffffffu, l, offset);
+    if (lane % 8 == 0) {
+        norm[own] = l > 0.f ? 1.f / l : 0.f;
+        if (h0 + own < a.H) write_lse(a, b, split, h0 + own, m, l);
     }
+    __syncthreads();
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int h = h0 + g + r * 8;
-        if (h >= a.H) continue;
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int j = 0; j < MAX_NTILES; j++)
-            if (j * 8 < dims) {
-                const int d = warp * dims + j * 8 + 2 * t4;
-                write_out(a, b, split, h, d, o[j][2 * r] * inv);
-                write_out(a, b, split, h, d + 1, o[j][2 * r + 1] * inv);
-            }
-        if (warp == 0 && t4 == 0) write_lse(a, b, split, h, m[r], l[r]);
-    }
+        for (int r = 0; r < 2; r++) {
+            const int row = mt * 16 + g + r * 8, h = h0 + row;
+            if (h >= a.H) continue;
+#pragma unroll
+            for (int j = 0; j < S::NTILES; j++)
+                if (j * 8 < dims) {
+                    const int d = warp * dims + j * 8 + 2 * t4;
+                    write_out(a, b, split, h, d, o[mt][j][2 * r] * norm[row]);
+                    write_out(a, b, split, h, d + 1, o[mt][j][2 * r + 1] * norm[row]);
+                }
+        }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -354,6 +385,16 @@ bool aligned16(const at::Tensor& t) {
            t.stride(1) * t.element_size() % 16 == 0;
 }
 
+template <typename scalar_t, int MT>
+void use_tc(void (*&kernel)(DecodeArgs<scalar_t, float>), int& threads, int& heads_per_block, size_t& smem, int64_t R,
+            int64_t P) {
+    using S = TcShape<MT>;
+    kernel = R == 512 && P == 64 ? tc_decode_kernel<scalar_t, MT, 512, 64> : tc_decode_kernel<scalar_t, MT, 0, 0>;
+    threads = S::WARPS * 32, heads_per_block = S::HEADS;
+    smem = (2 * TILE * (R + P + PAD) + S::HEADS * PROW) * sizeof(scalar_t) +
+           (S::KGROUPS * S::HEADS * SROW + 2 * S::HEADS) * sizeof(float);
+}
+
 template <typename scalar_t>
 void decode(const at::Tensor& q_latent, const at::Tensor& q_pe, const at::Tensor& c_kv, const at::Tensor& k_pe,
             const at::Tensor& lengths, double scale, at::Tensor& out) {
@@ -377,12 +418,13 @@ void decode(const at::Tensor& q_latent, const at::Tensor& q_pe, const at::Tensor
     int threads = SIMT_WARPS * 32, heads_per_block = SIMT_WARPS;
     size_t smem = SIMT_WARPS * (R + P + R) * sizeof(acc_t);
     if constexpr (kTensorCores<scalar_t>) {
-        if (R % 32 == 0 && P % 16 == 0 && P > 0 && R / WARPS / 8 <= MAX_NTILES && (R + P) / 16 <= WARPS * MAX_KSTEPS &&
-            aligned16(c_kv) && aligned16(k_pe) && reinterpret_cast<uintptr_t>(a.q_pe) % 4 == 0) {
-            kernel = tc_decode_kernel<scalar_t>;
-            threads = WARPS * 32, heads_per_block = HEADS;
-            smem = 2 * TILE * (R + P + PAD) * sizeof(scalar_t) + WARPS * HEADS * SROW * sizeof(float);
-        }
+        const bool tc = P % 16 == 0 && P > 0 && R <= 512 && R + P <= 576 && aligned16(c_kv) && aligned16(k_pe) &&
+                        reinterpret_cast<uintptr_t>(a.q_pe) % 4 == 0;
+        // past 16 heads, 32-head blocks halve how often each cache tile is read per head
+        if (tc && H > 16 && R % 64 == 0)
+            use_tc<scalar_t, 2>(kernel, threads, heads_per_block, smem, R, P);
+        else if (tc && R % 32 == 0)
+            use_tc<scalar_t, 1>(kernel, threads, heads_per_block, smem, R, P);
     }
     TORCH_CHECK(smem <= 227 * 1024, "latent_decode: R + P is too large for shared memory");
     if (smem > 48 * 1024)

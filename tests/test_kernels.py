@@ -141,7 +141,10 @@ def test_unpermute_grad(dtype):
 
 DECODE_SHAPES = [  # B, H, R, P, Tmax, lengths
     (1, 16, 512, 64, 8192, 'full'),
-    (1, 128, 512, 64, 1000, 'full'),
+    (1, 128, 512, 64, 1000, 'full'),     # 32-head blocks from here
+    (2, 32, 512, 64, 1000, 'ragged'),
+    (3, 20, 128, 32, 300, 'ragged'),     # a 32-head block with 12 heads past H
+    (2, 24, 96, 16, 130, 'ragged'),      # R % 64 != 0: 16-head blocks
     (32, 16, 512, 64, 2048, 'ragged'),
     (3, 4, 32, 16, 100, 'ragged'),       # the repo's small configs: heads padded to 16 on tensor cores
     (2, 8, 128, 32, 257, 'ragged'),
