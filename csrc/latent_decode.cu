@@ -26,6 +26,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "common.cuh"
 
 namespace {
@@ -395,6 +399,22 @@ void use_tc(void (*&kernel)(DecodeArgs<scalar_t, float>), int& threads, int& hea
            (S::KGROUPS * S::HEADS * SROW + 2 * S::HEADS) * sizeof(float);
 }
 
+// Blocks of `kernel` per SM, asked of the driver once per (kernel, shared memory, device): decode
+// runs once per generated token and layer, and these two driver calls would otherwise sit on that path.
+template <typename Kernel>
+int blocks_per_sm(Kernel* kernel, int threads, size_t smem) {
+    static std::mutex mutex;
+    static std::map<std::tuple<void*, size_t, int>, int> known;
+    const std::tuple<void*, size_t, int> key{reinterpret_cast<void*>(kernel), smem, c10::cuda::current_device()};
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (const auto it = known.find(key); it != known.end()) return it->second;
+    if (smem > 48 * 1024)
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
+    return known[key] = blocks;
+}
+
 template <typename scalar_t>
 void decode(const at::Tensor& q_latent, const at::Tensor& q_pe, const at::Tensor& c_kv, const at::Tensor& k_pe,
             const at::Tensor& lengths, double scale, at::Tensor& out) {
@@ -427,10 +447,7 @@ void decode(const at::Tensor& q_latent, const at::Tensor& q_pe, const at::Tensor
             use_tc<scalar_t, 1>(kernel, threads, heads_per_block, smem, R, P);
     }
     TORCH_CHECK(smem <= 227 * 1024, "latent_decode: R + P is too large for shared memory");
-    if (smem > 48 * 1024)
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+    const int per_sm = blocks_per_sm(kernel, threads, smem);
 
     // split the sequence only as far as needed to fill one wave, keeping >= 2 tiles per split
     const int head_blocks = (H + heads_per_block - 1) / heads_per_block, tiles = (Tmax + TILE - 1) / TILE;

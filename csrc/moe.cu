@@ -175,12 +175,16 @@ __global__ void unpermute_backward_kernel(const scalar_t* __restrict__ gy, const
     if (lane == 0) gw[s] = dot;
 }
 
-// rows of D elements can be read as 16-byte vectors from every one of these tensors
-template <typename scalar_t>
-bool rows_vectorize(int64_t D, std::initializer_list<const at::Tensor*> ts) {
-    bool ok = D * sizeof(scalar_t) % 16 == 0;
-    for (const at::Tensor* t : ts) ok = ok && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0;
-    return ok;
+// launch(std::integral_constant<int, VEC>): VEC elements per access, 16 bytes' worth where rows of D
+// elements can be read as 16-byte vectors from every one of these tensors, else 1
+template <typename scalar_t, typename Launch>
+void launch_vectorized(int64_t D, std::initializer_list<const at::Tensor*> ts, Launch&& launch) {
+    bool wide = D * sizeof(scalar_t) % 16 == 0;
+    for (const at::Tensor* t : ts) wide = wide && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0;
+    if (wide)
+        launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
+    else
+        launch(std::integral_constant<int, 1>{});
 }
 
 void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& like) {
@@ -273,10 +277,7 @@ at::Tensor moe_unpermute(const at::Tensor& y_sorted, const at::Tensor& row_map, 
                 y_sorted.data_ptr<scalar_t>(), row_map.data_ptr<int>(), w.data_ptr<acc_t>(), T, k, D,
                 y.data_ptr<scalar_t>());
         };
-        if (rows_vectorize<scalar_t>(D, {&y_sorted}))
-            launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-        else
-            launch(std::integral_constant<int, 1>{});
+        launch_vectorized<scalar_t>(D, {&y_sorted}, launch);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return y;
@@ -307,10 +308,7 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_backward(const at::Tensor& grad
                 grad_y.data_ptr<scalar_t>(), y_sorted.data_ptr<scalar_t>(), row_map.data_ptr<int>(),
                 w.data_ptr<acc_t>(), S, k, D, grad_y_sorted.data_ptr<scalar_t>(), grad_w.data_ptr<acc_t>());
         };
-        if (rows_vectorize<scalar_t>(D, {&grad_y, &y_sorted}))
-            launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-        else
-            launch(std::integral_constant<int, 1>{});
+        launch_vectorized<scalar_t>(D, {&grad_y, &y_sorted}, launch);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return {grad_y_sorted, grad_w.to(weights.scalar_type())};
