@@ -10,7 +10,8 @@ from contextlib import nullcontext
 
 import torch
 
-from model import ModelConfig, Transformer
+from checkpoint import CheckpointError, load_model
+from flags import check_flags, one_of
 from prepare import get_tokenizer, vocab_size_of
 
 # -----------------------------------------------------------------------------
@@ -35,18 +36,12 @@ def fail(msg):
     raise SystemExit(f"sample.py: error: {msg}")
 
 
-if ckpt not in ('latest', 'best'):
-    fail(f"--ckpt must be 'latest' or 'best', got {ckpt!r}")
-ckpt_path = os.path.join(out_dir, 'ckpt.pt' if ckpt == 'latest' else 'best.pt')
-if not os.path.exists(ckpt_path):
-    fail(f"no checkpoint at {ckpt_path}: train one first (python train.py config/train_tiny.py)")
+check_flags('sample.py', globals(), {'ckpt': one_of('latest', 'best')})
 try:
-    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-    model = Transformer(ModelConfig(**checkpoint['model_args']))
-    model.load_state_dict(checkpoint['model'])
+    model, checkpoint = load_model(out_dir, ckpt)
     encode, decode = get_tokenizer(checkpoint['tokenizer'])
-except Exception as e:
-    fail(f"cannot load {ckpt_path}: {type(e).__name__}: {e}")
+except (CheckpointError, ValueError) as e:
+    fail(e)
 
 torch.manual_seed(seed)
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]

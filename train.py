@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import save_checkpoint
 from model import ModelConfig, Transformer
 from prepare import read_shard
 
@@ -207,15 +208,12 @@ if ddp:
 eval_model = model.module if ddp else model  # no DDP hooks for forward-only passes
 
 
-def save_checkpoint(name):
-    """Atomically: a crash mid-write leaves the previous file intact."""
+def save_run(name):
     ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
             'tokenizer': meta['tokenizer'],
             'rng': {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}}
-    tmp = checkpoint_path(name + '.tmp')
-    torch.save(ckpt, tmp)
-    os.replace(tmp, checkpoint_path(name))
+    save_checkpoint(ckpt, checkpoint_path(name))
 
 
 @torch.no_grad()
@@ -291,9 +289,9 @@ while True:
             improved = losses['val'] < best_val_loss
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > start_iter and (improved or always_save_checkpoint):
-                save_checkpoint('ckpt.pt')
+                save_run('ckpt.pt')
                 if improved:
-                    save_checkpoint('best.pt')
+                    save_run('best.pt')
                 print(f"saved checkpoint to {out_dir}")
             if iter_num > start_iter:
                 plot_losses()

@@ -90,7 +90,7 @@ def test_sample(trained):
     (['--start=caf\u00e9'], "'\u00e9' at position 3 is not in the vocabulary"),
     (['--start='], 'prompt is empty'),
     (['--out_dir=nowhere'], 'no checkpoint at nowhere'),
-    (['--ckpt=newest'], "--ckpt must be 'latest' or 'best'"),
+    (['--ckpt=newest'], "--ckpt='newest': must be one of 'latest', 'best'"),
     (['--temprature=0.5'], "unknown config key 'temprature'"),
 ])
 def test_sample_bad_input(trained, args, message):
