@@ -99,24 +99,41 @@ def rope_tables(head_dim, block_size, theta):
 
 
 def apply_rope(x, cos, sin):
-    """x [B, T, H, d]; rotates interleaved pairs (x0, x1), as V3's complex-number form does."""
+    """x [B, T, H, d]; cos, sin [T, 1, d/2] or, per sequence, [B, T, 1, d/2]. Rotates interleaved
+    pairs (x0, x1), as V3's complex-number form does."""
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2).type_as(x)
 
 
-def cached_attention(attn, q, k, v, start_pos):
-    """Causal SDPA over [B, T, H, d] tensors; with a naive (per-head K/V) cache set up, k and v are
-    written into it and the query attends to everything cached so far."""
-    if attn.cache is not None:
-        assert start_pos == 0 or q.size(1) == 1, "decode one token at a time after the prefill"
-        end = start_pos + q.size(1)
-        k_cache, v_cache = attn.cache
-        k_cache[:q.size(0), start_pos:end], v_cache[:q.size(0), start_pos:end] = k, v
-        k, v = k_cache[:q.size(0), :end], v_cache[:q.size(0), :end]
+def write_cache(cache, values, pos, rows):
+    """Write values [B, T, ...] into the cache tensors [slots, block_size, ...] at rows (slots; default
+    the first B) and positions pos [B, T] (default 0..T-1, a prefill). Indexing by tensors keeps the
+    shapes static, so a decode step can be captured in a CUDA graph."""
+    B, T = values[0].shape[:2]
+    device = values[0].device
+    rows = torch.arange(B, device=device) if rows is None else rows
+    pos = torch.arange(T, device=device).expand(B, T) if pos is None else pos
+    for c, v in zip(cache, values):
+        c[rows[:, None], pos] = v.to(c.dtype)
+
+
+def visible(pos, length):
+    """[B, T, length] mask: cache entry j is visible to the query at position pos[b, t] when j <= it."""
+    return torch.arange(length, device=pos.device) <= pos[:, :, None]
+
+
+def cached_attention(attn, q, k, v, cache=None, pos=None, rows=None):
+    """Causal SDPA over [B, T, H, d] tensors. With a per-head K/V cache, k and v are written into it;
+    when decoding (pos [B, T] given), the queries attend to the cache up to their own positions."""
+    mask = None
+    if cache is not None:
+        write_cache(cache, (k, v), pos, rows)
+        if pos is not None:
+            k, v = cache[0][:q.size(0)], cache[1][:q.size(0)]
+            mask = visible(pos, k.size(1))[:, None]
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=q.size(1) > 1, scale=attn.softmax_scale,
-                                       dropout_p=attn.dropout if attn.training else 0.0)
+                                       attn_mask=mask, is_causal=mask is None and q.size(1) > 1,
+                                       scale=attn.softmax_scale, dropout_p=attn.dropout if attn.training else 0.0)
     return y.transpose(1, 2)
 
 
@@ -148,7 +165,9 @@ class MLA(nn.Module):
         self.cache = tuple(torch.zeros(batch_size, c.block_size, *s, dtype=dtype, device=device) for s in shapes)
         self.latent = mode == 'latent'
 
-    def forward(self, x, cos, sin, start_pos=0):
+    def forward(self, x, cos, sin, pos=None, rows=None):
+        """pos [B, T]: the tokens' positions when decoding over the cache, None from position 0
+        (training, prefill); rows: the cache slots a prefill writes to (default the first B)."""
         c = self.cfg
         B, T, _ = x.shape
         q = self.wq(x) if not c.q_lora_rank else self.wq_b(self.q_norm(self.wq_a(x)))
@@ -157,33 +176,35 @@ class MLA(nn.Module):
         c_kv, k_pe = self.wkv_a(x).split([c.kv_lora_rank, c.qk_rope_head_dim], -1)
         c_kv, k_pe = self.kv_norm(c_kv), apply_rope(k_pe.unsqueeze(2), cos, sin)
         if self.latent:
-            return self.wo(self.latent_attention(q_nope, q_pe, c_kv, k_pe.squeeze(2), start_pos).flatten(2))
+            write_cache(self.cache, (c_kv, k_pe.squeeze(2)), pos, rows)
+            if pos is not None:
+                return self.wo(self.latent_attention(q_nope, q_pe, pos).flatten(2))
+        # training and prefill: flash attention over the decompressed keys and values (a latent
+        # cache has just been written above; a naive one is written by cached_attention)
         k_nope, v = self.wkv_b(c_kv).view(B, T, c.n_head, -1).split([c.qk_nope_head_dim, c.v_head_dim], -1)
         q = torch.cat([q_nope, q_pe], -1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, c.n_head, -1)], -1)
-        return self.wo(cached_attention(self, q, k, v, start_pos).flatten(2))
+        cache = None if self.latent else self.cache
+        return self.wo(cached_attention(self, q, k, v, cache, pos, rows).flatten(2))
 
-    def latent_attention(self, q_nope, q_pe, c_kv, k_pe, start_pos):
-        """Attention with the up-projections absorbed (V2 sec. 2.1.2): W_UK folds into the query, so
+    def latent_attention(self, q_nope, q_pe, pos):
+        """Decoding with the up-projections absorbed (V2 sec. 2.1.2): W_UK folds into the query, so
         the cache holds only c_kv and k_pe; W_UV is applied to the attended latent afterwards."""
         c = self.cfg
         B, T = q_nope.shape[:2]
-        c_cache, pe_cache = self.cache
-        c_cache[:B, start_pos:start_pos + T], pe_cache[:B, start_pos:start_pos + T] = c_kv, k_pe
+        c_cache, pe_cache = self.cache[0][:B], self.cache[1][:B]
         wkv_b = self.wkv_b.weight.view(c.n_head, -1, c.kv_lora_rank)
         w_uk, w_uv = wkv_b[:, :c.qk_nope_head_dim], wkv_b[:, c.qk_nope_head_dim:]
-        q_latent = torch.einsum('bshd,hdc->bshc', q_nope, w_uk)
-        if T == 1:  # decode: the seam the CUDA kernel replaces
-            lengths = torch.full((B,), start_pos + 1, dtype=torch.int32, device=q_nope.device)
-            o = ops.latent_decode(q_latent[:, 0].to(c_cache.dtype), q_pe[:, 0].to(c_cache.dtype),
-                                  c_cache[:B], pe_cache[:B], lengths, self.softmax_scale).unsqueeze(1)
-        else:       # prefill (start_pos == 0): the same equations, causal, over the prompt
-            assert start_pos == 0, "decode one token at a time after the prefill"
-            scores = (torch.einsum('bshc,btc->bsht', q_latent, c_kv) +
-                      torch.einsum('bshr,btr->bsht', q_pe, k_pe)) * self.softmax_scale
-            causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
-            scores = scores.masked_fill(~causal[None, :, None, :], float('-inf'))
-            o = torch.einsum('bsht,btc->bshc', scores.softmax(-1, dtype=torch.float32).type_as(c_kv), c_kv)
+        q_latent = torch.einsum('bshd,hdc->bshc', q_nope, w_uk).to(c_cache.dtype)
+        if T == 1:  # one token per sequence: the seam the CUDA kernel replaces
+            lengths = (pos[:, 0] + 1).to(torch.int32)
+            o = ops.latent_decode(q_latent[:, 0], q_pe[:, 0].to(c_cache.dtype), c_cache, pe_cache,
+                                  lengths, self.softmax_scale).unsqueeze(1)
+        else:       # several (speculative verification): the same equations, masked per query
+            scores = (torch.einsum('bshc,btc->bsht', q_latent, c_cache) +
+                      torch.einsum('bshr,btr->bsht', q_pe.to(c_cache.dtype), pe_cache)) * self.softmax_scale
+            scores = scores.masked_fill(~visible(pos, c_cache.size(1))[:, :, None, :], float('-inf'))
+            o = torch.einsum('bsht,btc->bshc', scores.softmax(-1, dtype=torch.float32).type_as(c_cache), c_cache)
         return torch.einsum('bshc,hdc->bshd', o.type_as(w_uv), w_uv)
 
 
@@ -202,11 +223,11 @@ class MHA(nn.Module):
         shape = (batch_size, self.cfg.block_size, self.cfg.n_head, self.head_dim)
         self.cache = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
-    def forward(self, x, cos, sin, start_pos=0):
+    def forward(self, x, cos, sin, pos=None, rows=None):
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).view(B, T, 3, self.cfg.n_head, self.head_dim).unbind(2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.wo(cached_attention(self, q, k, v, start_pos).flatten(2))
+        return self.wo(cached_attention(self, q, k, v, self.cache, pos, rows).flatten(2))
 
 
 class MLP(nn.Module):
@@ -309,9 +330,9 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.n_embd, cfg.dense_inter_dim)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, start_pos=0):
+    def forward(self, x, cos, sin, pos=None, rows=None):
         """-> x, (balance loss, z loss) or None, expert load or None"""
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, start_pos))
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, pos, rows))
         if isinstance(self.ffn, MLP):
             return x + self.drop(self.ffn(self.ffn_norm(x))), None, None
         y, aux, load = self.ffn(self.ffn_norm(x))
@@ -358,20 +379,37 @@ class Transformer(nn.Module):
             for p in module.parameters(recurse=False):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, start_pos=0):
-        """-> logits, loss, stats. With targets: logits at every position, the training loss, and
-        stats = its parts plus the expert loads [n_moe_layers, E]; without: last-position logits."""
-        B, T = idx.shape
-        if start_pos + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size {self.cfg.block_size}")
-        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+    def rope_at(self, pos, T):
+        """cos, sin for T positions from 0 (pos None), or per sequence from pos [B, T]."""
+        if pos is None:
+            return self.rope_cos[:T, None], self.rope_sin[:T, None]
+        return self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)
+
+    def trunk(self, idx, pos=None, rows=None):
+        """-> hidden states before the final norm [B, T, D], aux losses, expert loads. pos [B, T]
+        when decoding over the caches (see MLA.forward), rows: the cache slots a prefill fills."""
+        T = idx.size(1)
+        if pos is None and T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
+        cos, sin = self.rope_at(pos, T)
         h, aux, loads = self.drop(self.embed(idx)), [], []
         for layer in self.layers:
-            h, layer_aux, load = layer(h, cos, sin, start_pos)
+            h, layer_aux, load = layer(h, cos, sin, pos, rows)
             if layer_aux is not None:
                 aux.append(layer_aux)
             if load is not None:
                 loads.append(load)
+        return h, aux, loads
+
+    def forward(self, idx, targets=None, start_pos=0):
+        """-> logits, loss, stats. With targets: logits at every position, the training loss, and
+        stats = its parts plus the expert loads [n_moe_layers, E]; without: last-position logits.
+        start_pos > 0 decodes over the caches (setup_cache) from that position."""
+        B, T = idx.shape
+        if start_pos + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size {self.cfg.block_size}")
+        pos = (start_pos + torch.arange(T, device=idx.device)).expand(B, T) if start_pos else None
+        h, aux, loads = self.trunk(idx, pos)
         if targets is None:
             return self.head(self.norm(h[:, [-1]])).float(), None, None
         logits = self.head(self.norm(h)).float()
@@ -387,7 +425,7 @@ class Transformer(nn.Module):
     def mtp_loss(self, h, idx, targets):
         m, T = self.mtp, idx.size(1) - 1
         h = m.proj(torch.cat([m.hnorm(h[:, :-1]), m.enorm(self.embed(idx[:, 1:]))], -1))
-        h = m.block(h, self.rope_cos[:T], self.rope_sin[:T])[0]
+        h = m.block(h, *self.rope_at(None, T))[0]
         logits = self.head(m.norm(h)).float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, 1:].reshape(-1), ignore_index=-1)
 
@@ -438,58 +476,23 @@ class Transformer(nn.Module):
     # -------------------------------------------------------------------------
     # inference
 
+    def attentions(self):
+        """Every attention module, the MTP block's last: each gets a cache for decoding."""
+        return [layer.attn for layer in self.layers] + ([self.mtp.block.attn] if self.mtp is not None else [])
+
     def setup_cache(self, batch_size, mode='latent', dtype=None, device=None):
         """mode 'latent' caches c_kv and k_pe (absorbed attention), 'naive' per-head K and V."""
         assert mode in ('latent', 'naive') and (mode == 'naive' or self.cfg.attn == 'mla')
         p = self.head.weight
-        for layer in self.layers:
-            layer.attn.setup_cache(batch_size, mode, dtype or p.dtype, device or p.device)
+        for attn in self.attentions():
+            attn.setup_cache(batch_size, mode, dtype or p.dtype, device or p.device)
 
     def clear_cache(self):
-        for layer in self.layers:
-            layer.attn.cache, layer.attn.latent = None, False
+        for attn in self.attentions():
+            attn.cache, attn.latent = None, False
 
     def cache_values_per_token(self):
         return sum(t[0, 0].numel() for layer in self.layers if layer.attn.cache for t in layer.attn.cache)
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, cache_mode='latent',
-                 n_vocab=None):
-        """Continue idx [B, T] by max_new_tokens, decoding through the KV cache. A prompt longer than
-        block_size is cropped to its last block_size tokens; when the cache fills up, the context
-        is re-prefilled from its last half, so each token still sees at least block_size/2.
-        n_vocab: the tokenizer's size, where vocab_size was padded beyond it."""
-        idx = idx[:, -self.cfg.block_size:]
-        self.setup_cache(idx.size(0), cache_mode)
-        try:
-            logits, pos = self(idx)[0], idx.size(1)
-            for _ in range(max_new_tokens):
-                idx = torch.cat([idx, sample_next(logits[:, -1, :n_vocab], temperature, top_k, top_p)], 1)
-                if pos == self.cfg.block_size:
-                    window = idx[:, -(self.cfg.block_size // 2):]
-                    logits, pos = self(window)[0], window.size(1)
-                else:
-                    logits, pos = self(idx[:, -1:], start_pos=pos)[0], pos + 1
-        finally:
-            self.clear_cache()
-        return idx
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits [B, V] -> next token ids [B, 1]: greedy at temperature 0, else sampled from the
-    top-k and/or top-p (nucleus) set."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)))[0][:, [-1]]
-        logits = logits.masked_fill(logits < kth, float('-inf'))
-    if top_p is not None:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
-        sorted_logits = sorted_logits.masked_fill(before >= top_p, float('-inf'))  # the top one stays
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1)
 
 
 def bf16_peak_flops(device):

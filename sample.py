@@ -12,7 +12,8 @@ import torch
 
 from checkpoint import CheckpointError, load_model
 from flags import check_flags, one_of
-from prepare import get_tokenizer, vocab_size_of
+from engine import Engine, SamplingParams
+from prepare import get_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
@@ -23,11 +24,11 @@ max_new_tokens = 500
 temperature = 0.8        # 0 = greedy
 top_k = 200              # 0 = off
 top_p = 1.0              # 1.0 = off
-cache_mode = 'latent'    # 'latent' (absorbed MLA) or 'naive' (per-head K/V)
+cache_mode = 'latent'    # 'latent' (absorbed MLA) or 'naive' (per-head K/V); MHA models use 'naive'
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
-compile = False
+cuda_graphs = True     # capture the decode step on CUDA
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
@@ -46,9 +47,7 @@ except (CheckpointError, ValueError) as e:
 torch.manual_seed(seed)
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 # the whole model in the inference dtype: the cache and the decode kernel then share it
-model.eval().to(device=device, dtype=ptdtype)
-if compile:  # generate() stays eager Python; its forward passes are what compile speeds up
-    model.forward = torch.compile(model.forward, dynamic=True)
+model.to(device=device, dtype=ptdtype)
 
 if start.startswith('FILE:'):
     with open(start[5:], encoding='utf-8') as f:
@@ -59,17 +58,17 @@ try:
     start_ids = encode(start)
 except ValueError as e:
     fail(e)
-x = torch.tensor(start_ids, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
 
+# the samples decode as one batch; CUDA graphs are captured once, before the clock starts
+engine = Engine(model, checkpoint['tokenizer'], max_batch=num_samples, cache_mode=cache_mode,
+                cuda_graphs=cuda_graphs and 'cuda' in device)
+params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
 t0 = time.time()
-y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                   top_p=top_p if top_p < 1.0 else None, cache_mode=cache_mode,
-                   n_vocab=vocab_size_of(checkpoint['tokenizer']))
-if 'cuda' in device:
-    torch.cuda.synchronize()
+samples = engine.generate([start_ids] * num_samples, params)
 dt = time.time() - t0
-for row in y.tolist():
-    print(decode(row))
+for r in samples:
+    print(start + r.text)
     print('---------------')
-print(f"{num_samples * max_new_tokens} tokens in {dt:.2f}s: {num_samples * max_new_tokens / dt:,.0f} tokens/s "
-      f"({device}, {dtype}, {cache_mode} cache)")
+n_tokens = sum(len(r.tokens) for r in samples)
+print(f"{n_tokens} tokens in {dt:.2f}s: {n_tokens / dt:,.0f} tokens/s "
+      f"({device}, {dtype}, {cache_mode} cache{', CUDA graphs' if engine.graphs else ''})")

@@ -1,0 +1,152 @@
+"""engine.py on CPU (fp32): ragged batches, the static-shape decode path against the full forward,
+sampling, ends, scoring, embeddings."""
+import pytest
+import torch
+
+from engine import Engine, Request, SamplingParams, sample_tokens
+from model import ModelConfig, Transformer
+
+SMALL = dict(vocab_size=96, block_size=24, n_layer=3, n_embd=64, n_head=4, kv_lora_rank=32,
+             qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, dense_inter_dim=96,
+             n_dense_layers=1, n_routed_experts=8, n_shared_experts=1, n_activated_experts=3,
+             moe_inter_dim=24)
+CHARS = ''.join(chr(33 + i) for i in range(90))  # 90 printable characters: ids 90..95 are padding
+TOKENIZER = {'kind': 'char', 'chars': CHARS}
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+
+
+def make(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**{**SMALL, **overrides})).eval()
+
+
+def full_forward_greedy(m, prompt, n):
+    """No cache: the full forward's argmax, token by token."""
+    ids = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            ids.append(int(m(torch.tensor([ids]))[0][0, -1, :len(CHARS)].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize('attn,mode,q_lora_rank', [('mla', 'latent', 0), ('mla', 'latent', 20),
+                                                   ('mla', 'naive', 0), ('mha', 'naive', 0)])
+def test_ragged_batch_equals_each_prompt_alone_and_the_full_forward(attn, mode, q_lora_rank):
+    m = make(attn=attn, q_lora_rank=q_lora_rank)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 90, (n,), generator=g).tolist() for n in (1, 5, 9, 3, 11)]
+    batch = Engine(m, TOKENIZER, max_batch=3, cache_mode=mode).generate(prompts, GREEDY)  # 5 requests, 3 slots
+    for p, r in zip(prompts, batch):
+        alone = Engine(m, TOKENIZER, max_batch=1, cache_mode=mode).generate([p], GREEDY)[0]
+        assert r.tokens == alone.tokens == full_forward_greedy(m, p, 12)
+        assert r.finish_reason == 'length' and len(r.tokens) == 12
+
+
+def test_decode_logits_equal_the_full_forward():
+    """The static-shape path (tensor positions, cache writes by index) against the eager forward."""
+    m = make()
+    e = Engine(m, TOKENIZER, max_batch=4)
+    prompts = [[5, 6, 7], [1] * 8, [40, 41]]
+    for p in prompts:
+        e.add_request(p, SamplingParams(max_tokens=6, temperature=0))
+    e.step()  # prefill
+    for _ in range(4):
+        contexts = [list(r.context) for r in e.active]
+        logits = e.decode_step()
+        for r, ctx, lg in zip(e.active, contexts, logits):
+            with torch.no_grad(), e.uncached():  # the full forward must not write the engine's caches
+                ref = m(torch.tensor([ctx]))[0][0, -1, :e.n_vocab]
+            torch.testing.assert_close(lg, ref, atol=1e-5, rtol=1e-5)
+        e.advance(list(e.active), logits)
+        for r in e.active:
+            r.cached += 1
+
+
+def test_past_block_size_and_long_prompt():
+    m = make()
+    r = Engine(m, TOKENIZER, max_batch=2).generate([list(range(40))], SamplingParams(max_tokens=50))[0]
+    assert len(r.tokens) == 50 and r.finish_reason == 'length'
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch():
+    m = make()
+    p = SamplingParams(max_tokens=20, temperature=1.0, top_k=20, seed=7)
+    alone = Engine(m, TOKENIZER, max_batch=1).generate([[3, 4]], p)[0].tokens
+    mixed = Engine(m, TOKENIZER, max_batch=4).generate([[9], [3, 4], [1, 2, 3]],
+                                                        [SamplingParams(max_tokens=9), p, SamplingParams(max_tokens=30)])
+    assert mixed[1].tokens == alone
+    other = Engine(m, TOKENIZER, max_batch=1).generate([[3, 4]], SamplingParams(max_tokens=20, temperature=1.0, seed=8))
+    assert other[0].tokens != alone
+
+
+def test_stop_string_and_end_token_end_one_sequence_only():
+    m = make()
+    base = Engine(m, TOKENIZER, max_batch=2).generate([[1, 2], [7]], GREEDY)
+    text, first = base[0].text, base[0].tokens[0]
+    stop = text[3:5]
+    e = Engine(m, TOKENIZER, max_batch=2)
+    out = e.generate([[1, 2], [7]], [SamplingParams(max_tokens=12, temperature=0, stop=(stop,)), GREEDY])
+    assert out[0].finish_reason == 'stop' and out[0].text == text[:text.find(stop)]
+    assert out[1].tokens == base[1].tokens and out[1].finish_reason == 'length'
+    out = Engine(m, TOKENIZER, max_batch=2).generate(
+        [[1, 2], [7]], [SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(first,)), GREEDY])
+    assert out[0].finish_reason == 'stop' and out[0].tokens == [] and out[1].tokens == base[1].tokens
+
+
+def test_never_samples_padded_vocab_and_rejects_bad_prompts():
+    m = make()
+    e = Engine(m, TOKENIZER, max_batch=4)
+    out = e.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=40, temperature=2.0))
+    assert max(t for r in out for t in r.tokens) < len(CHARS)
+    with pytest.raises(ValueError, match='empty'):
+        e.add_request([], GREEDY)
+    with pytest.raises(ValueError, match='outside the vocabulary'):
+        e.add_request([1, 95], GREEDY)
+
+
+def test_abort_frees_the_slot_and_the_rest_go_on():
+    m = make()
+    e = Engine(m, TOKENIZER, max_batch=2)
+    a, b = e.add_request([1, 2], GREEDY), e.add_request([7], GREEDY)
+    e.step()
+    e.step()
+    e.abort(a)
+    assert e.running == 1 and a.finish_reason == 'abort'
+    while not b.done:
+        e.step()
+    alone = Engine(m, TOKENIZER, max_batch=1).generate([[7]], GREEDY)[0]
+    assert b.tokens == alone.tokens
+
+
+def test_top_k_top_p_stay_in_their_sets():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50) * 3
+    topk, nucleus_seen = set(), set()
+    rk = Request([1], SamplingParams(temperature=1.0, top_k=5))
+    rp = Request([1], SamplingParams(temperature=1.0, top_p=0.6))
+    for _ in range(200):
+        a, b = sample_tokens(logits, [rk, rp], 'cpu')
+        topk.add(a)
+        nucleus_seen.add(b)
+    assert topk <= set(logits[0].topk(5)[1].tolist()) and len(topk) > 1
+    probs = logits[1].softmax(-1)
+    order = probs.argsort(descending=True)
+    nucleus = order[:int((probs[order].cumsum(0) < 0.6).sum()) + 1].tolist()
+    assert nucleus_seen <= set(nucleus)
+
+
+def test_score_and_embed():
+    m = make()
+    e = Engine(m, TOKENIZER, max_batch=2)
+    seq = torch.randint(0, 90, (60,)).tolist()  # longer than block_size: scored in windows
+    scores = e.score([seq[:20], seq])
+    with torch.no_grad():
+        logp = m(torch.tensor([seq[:20]]), torch.tensor([seq[:20]]))[0][0, :-1, :e.n_vocab].log_softmax(-1)
+    ref = logp.gather(1, torch.tensor(seq[1:20])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(scores[0]), ref, atol=1e-5, rtol=1e-5)
+    assert len(scores[1]) == 59 and scores[1][:19] == pytest.approx(scores[0], abs=1e-5)
+    emb = e.embed([seq[:20], seq[:10]])
+    assert emb.shape == (2, 64) and emb.dtype == torch.float32
+    with torch.no_grad():
+        ref = m.norm(m.trunk(torch.tensor([seq[:10]]))[0])[0].mean(0)
+    torch.testing.assert_close(emb[1], ref)
