@@ -150,3 +150,18 @@ def test_score_and_embed():
     with torch.no_grad():
         ref = m.norm(m.trunk(torch.tensor([seq[:10]]))[0])[0].mean(0)
     torch.testing.assert_close(emb[1], ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('mode', ['latent', 'naive'])
+def test_cuda_graphs_decode_what_eager_decodes(mode):
+    m = make().to('cuda', torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 90, (n,), generator=g).tolist() for n in (1, 7, 3, 12, 5)]
+    graphs = Engine(m, TOKENIZER, max_batch=4, cache_mode=mode, cuda_graphs=True)
+    assert graphs.graphs is not None
+    a = graphs.generate(prompts, SamplingParams(max_tokens=30, temperature=0))
+    del graphs
+    b = Engine(m, TOKENIZER, max_batch=4, cache_mode=mode, cuda_graphs=False).generate(
+        prompts, SamplingParams(max_tokens=30, temperature=0))
+    assert [r.tokens for r in a] == [r.tokens for r in b]
