@@ -9,9 +9,11 @@ parameters and ends share one batch of fixed cache slots (continuous batching).
   decompressed keys; only the latents are written to the cache) or one decode step of every
   running request. On CUDA the decode step of each batch bucket (1, 2, 4, ..., max_batch) is
   captured once as a CUDA graph and replayed: positions are tensors, so shapes never change.
-- Speculative decoding with the MTP module (DeepSeek-V3 sec. 5.4.3): the MTP block drafts one token,
-  the next step verifies it with two query positions per sequence, and the draft is accepted or
-  resampled so that the output distribution is exactly the model's (greedy: identical tokens).
+- Speculative decoding with the MTP module (DeepSeek-V3 sec. 5.4.3): the MTP block drafts a token,
+  the main model verifies it in the same step (two query positions per sequence), and the draft is
+  accepted or resampled so that every token is distributed exactly as the model says (greedy:
+  the same tokens as plain decoding).
+One engine per model at a time: it owns the model's caches.
 """
 import math
 from collections import deque
@@ -19,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch.nn import functional as F
 
 from prepare import get_tokenizer, vocab_size_of
 
@@ -40,11 +41,12 @@ class SamplingParams:
 class Request:
     prompt: list
     params: SamplingParams
+    detokenize: object
     id: int = 0
     tokens: list = field(default_factory=list)     # generated so far
     logprobs: list = field(default_factory=list)
-    text: str = ''                                 # final text so far: cut at a stop string
     finish_reason: str | None = None               # 'stop' | 'length' | 'abort'
+    stop_at: int | None = None                     # where a stop string cut the text
     context: list = field(default_factory=list)    # the tokens in the cache, then the pending one
     cached: int = 0                                # how many of them the cache holds
     generator: torch.Generator | None = None
@@ -53,42 +55,108 @@ class Request:
     def done(self):
         return self.finish_reason is not None
 
+    @property
+    def text(self):
+        """The generated text, cut at a stop string; while running, without the tail that may still
+        change (the start of a stop string, or half a UTF-8 character)."""
+        text = self.detokenize(self.tokens)
+        if self.stop_at is not None or self.done:
+            return text[:self.stop_at]
+        return text[:len(text) - held_back(text, self.params.stop)]
 
-def sample_tokens(logits, requests, device):
-    """logits [B, V] float -> token ids [B] on the host, each row with its request's temperature,
-    top-k and top-p; seeded requests draw from their own generator."""
-    B, V = logits.shape
-    params = [r.params for r in requests]
-    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
-    top_k = torch.tensor([p.top_k or V for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    sorted_logits, order = (logits / temperature[:, None]).sort(-1, descending=True)
-    sorted_logits = sorted_logits.masked_fill(torch.arange(V, device=device) >= top_k[:, None], float('-inf'))
-    probs = sorted_logits.softmax(-1)
-    probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], 0.0)  # the top one stays
-    choice = torch.empty(B, 1, dtype=torch.long, device=device)
-    shared = [i for i, r in enumerate(requests) if r.generator is None]
-    if shared:
-        choice[shared] = torch.multinomial(probs[shared], 1)
-    for i, r in enumerate(requests):
-        if r.generator is not None:
-            choice[i] = torch.multinomial(probs[i], 1, generator=r.generator)
-    sampled = order.gather(1, choice)[:, 0]
-    greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
-    return torch.where(greedy, logits.argmax(-1), sampled).tolist()
+
+def held_back(text, stops):
+    n = len(text) - len(text.rstrip('\ufffd'))
+    for s in stops:
+        n = max(n, max((k for k in range(1, len(s)) if text.endswith(s[:k])), default=0))
+    return n
+
+# -----------------------------------------------------------------------------
+# sampling: each row with its request's parameters
+
+class Sampler:
+    """A batch's sampling parameters as tensors, made once per batch composition: drawing tokens
+    then costs a few kernels and no host round trip (but the one that reads the tokens back)."""
+    def __init__(self, requests, device):
+        p = [r.params for r in requests]
+        self.requests, self.device = requests, device
+        self.greedy = all(x.temperature == 0 for x in p)
+        self.generators = [r.generator for r in requests]
+        self.seeded = any(g is not None for g in self.generators)
+        as_tensor = lambda values: torch.tensor(values).to(device)
+        self.temperature = as_tensor([x.temperature or 1.0 for x in p])
+        self.top_k = as_tensor([x.top_k or 2**31 - 1 for x in p])
+        self.top_p = as_tensor([x.top_p for x in p])
+        self.is_greedy = as_tensor([x.temperature == 0 for x in p])
+
+    def probs(self, logits):
+        """logits [B, V] -> the distributions tokens are drawn from: temperature, then the top-k
+        most likely, then the smallest set holding top_p of the probability (the top one stays)."""
+        sorted_logits, order = (logits / self.temperature[:, None]).sort(-1, descending=True)
+        beyond_k = torch.arange(logits.size(-1), device=self.device) >= self.top_k[:, None]
+        probs = sorted_logits.masked_fill(beyond_k, float('-inf')).softmax(-1)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= self.top_p[:, None], 0.0)
+        return torch.zeros_like(probs).scatter_(-1, order, probs)
+
+    def draw(self, probs):
+        """One token per row [B]; a seeded request draws from its own generator."""
+        if not self.seeded:
+            return torch.multinomial(probs, 1)[:, 0]
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+
+    def uniform(self):
+        if not self.seeded:
+            return torch.rand(len(self.requests), device=self.device)
+        return torch.stack([torch.rand((), device=self.device, generator=g) for g in self.generators])
+
+    def sample(self, logits):
+        """logits [B, V] -> token ids [B] (on the logits' device)."""
+        if self.greedy:
+            return logits.argmax(-1)
+        return torch.where(self.is_greedy, logits.argmax(-1), self.draw(self.probs(logits)))
+
+    def verify(self, draft, logits):
+        """Speculative sampling with a deterministic draft d (the MTP module proposes its argmax):
+        d is kept with probability p(d), else the token is drawn from p with d taken out, so each
+        token is distributed exactly as p; greedy rows keep d when it is the argmax. logits [B, 2, V]
+        are the model's at the pending token and at the draft -> (accepted [B], first token [B],
+        the token after an accepted draft [B])."""
+        argmax = logits.argmax(-1)
+        if self.greedy:
+            return argmax[:, 0] == draft, argmax[:, 0], argmax[:, 1]
+        p0, p1 = self.probs(logits[:, 0]), self.probs(logits[:, 1])
+        p_draft = p0.gather(1, draft[:, None])[:, 0]
+        accepted = torch.where(self.is_greedy, argmax[:, 0] == draft, self.uniform() < p_draft)
+        residual = p0.scatter(1, draft[:, None], 0.0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p0)  # p(d) = 1: always kept
+        first = torch.where(self.is_greedy, argmax[:, 0], torch.where(accepted, draft, self.draw(residual)))
+        bonus = torch.where(self.is_greedy, argmax[:, 1], self.draw(p1))
+        return accepted, first, bonus
+
+
+# -----------------------------------------------------------------------------
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch=64, cuda_graphs=None, cache_mode='latent'):
-        cache_mode = cache_mode if model.cfg.attn == 'mla' else 'naive'
+    def __init__(self, model, tokenizer, max_batch=64, cuda_graphs=None, cache_mode='latent', speculative=False):
         self.model, self.cfg = model, model.cfg
         self.device = model.head.weight.device
         self.encode, self.decode = get_tokenizer(tokenizer)
         self.n_vocab = min(vocab_size_of(tokenizer), self.cfg.vocab_size)
         self.block_size, self.max_batch = self.cfg.block_size, max_batch
-        model.setup_cache(max_batch, cache_mode)
+        if speculative and model.mtp is None:
+            raise ValueError("speculative decoding needs a model trained with mtp_depth=1")
+        self.speculative = speculative
+        # a draft sits one position past the pending token, so the context must leave room for it
+        self.max_context = self.block_size - 1 if speculative else self.block_size
+        model.setup_cache(max_batch, cache_mode if self.cfg.attn == 'mla' else 'naive')
+        # the main model's hidden states at the two positions the next draft starts from
+        self.mtp_hidden = torch.zeros(max_batch, 2, self.cfg.n_embd, device=self.device,
+                                      dtype=model.head.weight.dtype) if speculative else None
         self.waiting, self.active = deque(), []  # active[i] lives in cache slot i
         self.next_id = 0
+        self.accepted, self.drafted = 0, 0
+        self.sampler = None
         use_graphs = self.device.type == 'cuda' if cuda_graphs is None else cuda_graphs
         self.graphs = self.capture_graphs() if use_graphs else None
 
@@ -108,9 +176,9 @@ class Engine:
         bad = [t for t in prompt if not 0 <= t < self.n_vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.n_vocab})")
-        r = Request(list(prompt), params, id=self.next_id)
+        r = Request(list(prompt), params, self.decode, id=self.next_id)
         self.next_id += 1
-        r.context = r.prompt[-self.block_size:]
+        r.context = r.prompt[-self.max_context:]
         if params.seed is not None:
             r.generator = torch.Generator(self.device).manual_seed(params.seed)
         self.waiting.append(r)
@@ -131,6 +199,8 @@ class Engine:
             for attn in self.model.attentions():
                 for c in attn.cache:
                     c[i] = c[last]
+            if self.speculative:
+                self.mtp_hidden[i] = self.mtp_hidden[last]
             self.active[i] = self.active[last]
         self.active.pop()
 
@@ -144,126 +214,172 @@ class Engine:
                     on_token(r)
         return requests
 
+    @property
+    def acceptance_rate(self):
+        return self.accepted / max(self.drafted, 1)
+
     # -------------------------------------------------------------------------
-    # one step: a prefill of whatever needs one, else one decode step for all
+    # one step: a prefill of whatever needs one, else one decode step of all
 
     @torch.no_grad()
     def step(self):
-        """-> the requests that changed: a new token, or finished."""
+        """-> the requests that changed: new tokens, or finished."""
         while self.waiting and len(self.active) < self.max_batch:
             self.active.append(self.waiting.popleft())
         for r in self.active:
-            if len(r.context) > self.block_size:  # out of positions: go on from the last half
+            if len(r.context) > self.max_context:  # out of positions: go on from the last half
                 r.context, r.cached = r.context[-(self.block_size // 2):], 0
         pending = [r for r in self.active if r.cached == 0]
         if pending:
             logits = self.prefill(pending)
-        elif self.active:
-            pending, logits = list(self.active), self.decode_step()
-        for r in pending:
-            r.cached = len(r.context)
-        return self.advance(pending, logits) if pending else []
+            self.emit(pending, self.sampler_of(pending).sample(logits), logits)
+            return pending
+        if not self.active:
+            return []
+        batch = list(self.active)
+        if self.speculative:
+            self.speculate(batch)
+        else:
+            logits = self.decode_step()
+            self.emit(batch, self.sampler_of(batch).sample(logits), logits)
+        return batch
 
     def prefill(self, requests):
         """Fill the requests' slots with their contexts (right-padded into one batch: causal
         attention never lets a real token see the padding after it) -> next-token logits [n, V]."""
-        lengths = [len(r.context) for r in requests]
-        idx = torch.zeros(len(requests), max(lengths), dtype=torch.long)
+        m, n = self.model, len(requests)
+        lengths = torch.tensor([len(r.context) for r in requests])
+        idx = torch.zeros(n, int(lengths.max()), dtype=torch.long)
         for i, r in enumerate(requests):
-            idx[i, :lengths[i]] = torch.tensor(r.context)
-        rows = torch.tensor([self.active.index(r) for r in requests], device=self.device)
-        h = self.model.trunk(idx.to(self.device), rows=rows)[0]
-        last = h[torch.arange(len(requests)), torch.tensor(lengths) - 1]
-        return self.logits(last)
+            idx[i, :len(r.context)] = torch.tensor(r.context)
+        idx, rows = idx.to(self.device), torch.tensor([self.active.index(r) for r in requests]).to(self.device)
+        h = m.trunk(idx, rows=rows)[0]
+        last = lengths.to(self.device) - 1
+        if self.speculative:  # the MTP block's cache over the prompt, and where its first draft starts
+            m.mtp(h[:, :-1], m.embed(idx[:, 1:]), *m.rope_at(None, idx.size(1) - 1), rows=rows)
+            at = torch.arange(n, device=self.device)
+            self.mtp_hidden[rows] = torch.stack([h[at, (last - 1).clamp(min=0)], h[at, last]], 1)
+        return self.logits(h[torch.arange(n, device=self.device), last])
+
+    def sampler_of(self, batch):
+        if self.sampler is None or self.sampler.requests != batch:
+            self.sampler = Sampler(batch, self.device)
+        return self.sampler
 
     def logits(self, h):
         return self.model.head(self.model.norm(h)).float()[..., :self.n_vocab]
 
-    def decode_inputs(self):
-        tokens = torch.tensor([r.context[-1] for r in self.active], device=self.device)
-        pos = torch.tensor([len(r.context) - 1 for r in self.active], device=self.device)
-        return tokens, pos
+    def emit(self, requests, tokens, logits):
+        """Append one sampled token to each request (logits [B, V] for the log-probabilities)."""
+        logprobs = self.logprobs(logits, tokens, requests)
+        for r, t, lp in zip(requests, tokens.tolist(), logprobs):
+            r.cached = len(r.context)
+            self.append(r, t, lp)
+
+    def logprobs(self, logits, tokens, requests):
+        if not any(r.params.logprobs for r in requests):
+            return [None] * len(requests)
+        return logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()
+
+    # -------------------------------------------------------------------------
+    # decoding: one position per sequence, or a draft and its verification
+
+    def run_graph(self, inputs, eager):
+        """eager(*inputs) for the running batch: replayed from the smallest captured bucket that
+        holds it (free slots get zeros: harmless writes at position 0 of unused slots)."""
+        n = len(self.active)
+        if self.graphs is None:
+            return eager(*inputs)
+        bucket = next(b for b in self.graphs if b >= n)
+        graph, static_inputs, outputs = self.graphs[bucket]
+        for static, x in zip(static_inputs, inputs):
+            static[:n] = x
+            static[n:] = 0
+        graph.replay()
+        return tuple(o[:n] for o in outputs) if isinstance(outputs, tuple) else outputs[:n]
 
     def decode_step(self):
         """One token for every running request -> logits [n, V]."""
-        tokens, pos = self.decode_inputs()
-        n = len(tokens)
-        if self.graphs is None:
-            return self.decode_logits(tokens, pos)
-        bucket = next(b for b in self.graphs if b >= n)
-        graph, static_tokens, static_pos, static_logits = self.graphs[bucket]
-        static_tokens[:n], static_pos[:n] = tokens, pos
-        static_tokens[n:], static_pos[n:] = 0, 0  # free slots: harmless writes at position 0
-        graph.replay()
-        return static_logits[:n]
+        ids = torch.tensor([[r.context[-1], len(r.context) - 1] for r in self.active]).to(self.device)
+        return self.run_graph((ids[:, 0], ids[:, 1]), self.decode_logits)
 
     def decode_logits(self, tokens, pos):
         h = self.model.trunk(tokens[:, None], pos[:, None])[0]
         return self.logits(h[:, -1])
 
+    def speculate(self, batch):
+        n = len(batch)
+        ids = []
+        for r in batch:  # the pending token at position p = len - 1; the MTP block reruns p - 2, p - 1
+            p = len(r.context) - 1
+            ids.append([r.context[-1], p, r.context[max(p - 1, 1)], max(p - 2, 0)])
+        draft, logits, h = self.run_graph(torch.tensor(ids).to(self.device).unbind(1), self.draft_and_verify)
+        accepted, first, bonus = self.sampler_of(batch).verify(draft, logits)
+        # the next draft starts from the two verified positions, or from the one before them and the first
+        self.mtp_hidden[:n] = torch.where(accepted[:, None, None], h, torch.cat([self.mtp_hidden[:n, 1:], h[:, :1]], 1))
+        logprobs = self.logprobs(logits, torch.stack([first, bonus], 1), batch)
+        self.drafted += n
+        for r, ok, t0, t1, lp in zip(batch, accepted.tolist(), first.tolist(), bonus.tolist(), logprobs):
+            self.accepted += ok
+            r.cached = len(r.context) + ok  # the pending token, and the draft when it is kept
+            self.append(r, t0, lp and lp[0])
+            if ok and not r.done:
+                self.append(r, t1, lp and lp[1])
+
+    def draft_and_verify(self, pending, pos, token_mtp, pos_mtp):
+        """The MTP block drafts the token after the pending one (from the main model's states at
+        pos_mtp, pos_mtp + 1 and the tokens after them), then the main model reads the pending token
+        and the draft -> draft [B], logits [B, 2, V], hidden states [B, 2, D]."""
+        m, B = self.model, pending.size(0)
+        mtp_pos = torch.stack([pos_mtp, (pos - 1).clamp(min=0)], 1)
+        e = m.embed(torch.stack([token_mtp, pending], 1))
+        draft = self.logits(m.mtp(self.mtp_hidden[:B], e, *m.rope_at(mtp_pos, 2), pos=mtp_pos)[:, -1]).argmax(-1)
+        verify_pos = torch.stack([pos, pos + 1], 1)
+        h = m.trunk(torch.stack([pending, draft], 1), verify_pos)[0]
+        return draft, self.logits(h), h
+
     def capture_graphs(self):
         """A CUDA graph of one decode step per batch bucket, captured before any request exists:
         the warm-up writes into the (still empty) caches. Buckets share one memory pool."""
-        buckets = [b for b in (2 ** i for i in range(int(math.log2(self.max_batch)) + 1))]
-        if buckets[-1] != self.max_batch:
-            buckets.append(self.max_batch)
+        buckets = [2 ** i for i in range(int(math.log2(self.max_batch)) + 1)]
+        buckets += [self.max_batch] if buckets[-1] != self.max_batch else []
+        step = self.draft_and_verify if self.speculative else self.decode_logits
         graphs, pool = {}, torch.cuda.graph_pool_handle()
         for b in reversed(buckets):
-            tokens = torch.zeros(b, dtype=torch.long, device=self.device)
-            pos = torch.zeros(b, dtype=torch.long, device=self.device)
+            inputs = tuple(torch.zeros(b, dtype=torch.long, device=self.device) for _ in range(4 if self.speculative else 2))
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.no_grad():
                 for _ in range(2):
-                    self.decode_logits(tokens, pos)
+                    step(*inputs)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool), torch.no_grad():
-                logits = self.decode_logits(tokens, pos)
-            graphs[b] = (graph, tokens, pos, logits)
+                outputs = step(*inputs)
+            graphs[b] = (graph, inputs, outputs)
         return dict(sorted(graphs.items()))
 
     # -------------------------------------------------------------------------
     # tokens in, ends checked
 
-    def advance(self, requests, logits):
-        tokens = sample_tokens(logits, requests, self.device)
-        logprobs = None
-        if any(r.params.logprobs for r in requests):
-            logprobs = logits.log_softmax(-1).gather(1, torch.tensor(tokens, device=self.device)[:, None])[:, 0].tolist()
-        for i, (r, t) in enumerate(zip(requests, tokens)):
-            self.append(r, t, logprobs[i] if logprobs is not None else None)
-            if r.done:
-                self.release(r)
-        return requests
-
     def append(self, r, token, logprob):
         p = r.params
         if token in p.stop_token_ids:
             r.finish_reason = 'stop'
-            r.text = self.decode(r.tokens)
-            return
-        r.tokens.append(token)
-        r.context.append(token)
-        if p.logprobs:
-            r.logprobs.append(logprob)
-        text = self.decode(r.tokens)
-        cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            r.text, r.finish_reason = text[:cut], 'stop'
-        elif len(r.tokens) >= p.max_tokens:
-            r.text, r.finish_reason = text, 'length'
         else:
-            r.text = text[:len(text) - self.held_back(text, p.stop)]
-
-    @staticmethod
-    def held_back(text, stops):
-        """How many trailing characters may still change: the start of a stop string, or an
-        incomplete UTF-8 character that the next token completes."""
-        n = len(text) - len(text.rstrip('\ufffd'))
-        for s in stops:
-            n = max(n, max((k for k in range(1, len(s)) if text.endswith(s[:k])), default=0))
-        return n
+            r.tokens.append(token)
+            r.context.append(token)
+            if p.logprobs:
+                r.logprobs.append(logprob)
+            if p.stop:
+                text = self.decode(r.tokens)
+                cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    r.stop_at, r.finish_reason = cut, 'stop'
+            if not r.done and len(r.tokens) >= p.max_tokens:
+                r.finish_reason = 'length'
+        if r.done:
+            self.release(r)
 
     # -------------------------------------------------------------------------
     # scoring and embeddings: whole sequences, no cache
@@ -301,8 +417,7 @@ class Engine:
                 for start, end, first in self.windows(len(seq)):
                     idx = torch.tensor(seq[start:end], device=self.device)[None]
                     logp = self.logits(self.model.trunk(idx)[0][0, :-1]).log_softmax(-1)
-                    targets = idx[0, 1:]
-                    values += logp.gather(1, targets[:, None])[first - start - 1:, 0].tolist()
+                    values += logp.gather(1, idx[0, 1:, None])[first - start - 1:, 0].tolist()
                 out.append(values)
         return out
 

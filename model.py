@@ -350,6 +350,12 @@ class MTP(nn.Module):
         self.block = Block(cfg, cfg.n_layer)
         self.norm = nn.RMSNorm(cfg.n_embd, eps=1e-6)
 
+    def forward(self, h, e, cos, sin, pos=None, rows=None):
+        """h: the main model's hidden states at positions i, e: embeddings of tokens i+1 -> the
+        normed states that the shared head turns into predictions of tokens i+2."""
+        x = self.proj(torch.cat([self.hnorm(h), self.enorm(e)], -1))
+        return self.norm(self.block(x, cos, sin, pos, rows)[0])
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -423,10 +429,8 @@ class Transformer(nn.Module):
         return logits, loss, stats
 
     def mtp_loss(self, h, idx, targets):
-        m, T = self.mtp, idx.size(1) - 1
-        h = m.proj(torch.cat([m.hnorm(h[:, :-1]), m.enorm(self.embed(idx[:, 1:]))], -1))
-        h = m.block(h, *self.rope_at(None, T))[0]
-        logits = self.head(m.norm(h)).float()
+        T = idx.size(1) - 1
+        logits = self.head(self.mtp(h[:, :-1], self.embed(idx[:, 1:]), *self.rope_at(None, T))).float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, 1:].reshape(-1), ignore_index=-1)
 
     # -------------------------------------------------------------------------

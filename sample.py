@@ -29,6 +29,7 @@ seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
 cuda_graphs = True     # capture the decode step on CUDA
+speculative = True     # draft with the MTP module where the checkpoint has one
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
@@ -61,7 +62,7 @@ except ValueError as e:
 
 # the samples decode as one batch; CUDA graphs are captured once, before the clock starts
 engine = Engine(model, checkpoint['tokenizer'], max_batch=num_samples, cache_mode=cache_mode,
-                cuda_graphs=cuda_graphs and 'cuda' in device)
+                cuda_graphs=cuda_graphs and 'cuda' in device, speculative=speculative and model.mtp is not None)
 params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
 t0 = time.time()
 samples = engine.generate([start_ids] * num_samples, params)
@@ -71,4 +72,5 @@ for r in samples:
     print('---------------')
 n_tokens = sum(len(r.tokens) for r in samples)
 print(f"{n_tokens} tokens in {dt:.2f}s: {n_tokens / dt:,.0f} tokens/s "
-      f"({device}, {dtype}, {cache_mode} cache{', CUDA graphs' if engine.graphs else ''})")
+      f"({device}, {dtype}, {cache_mode} cache{', CUDA graphs' if engine.graphs else ''}"
+      f"{f', MTP drafts accepted {engine.acceptance_rate:.0%}' if engine.speculative else ''})")

@@ -3,7 +3,7 @@ sampling, ends, scoring, embeddings."""
 import pytest
 import torch
 
-from engine import Engine, Request, SamplingParams, sample_tokens
+from engine import Engine, Request, Sampler, SamplingParams
 from model import ModelConfig, Transformer
 
 SMALL = dict(vocab_size=96, block_size=24, n_layer=3, n_embd=64, n_head=4, kv_lora_rank=32,
@@ -57,9 +57,7 @@ def test_decode_logits_equal_the_full_forward():
             with torch.no_grad(), e.uncached():  # the full forward must not write the engine's caches
                 ref = m(torch.tensor([ctx]))[0][0, -1, :e.n_vocab]
             torch.testing.assert_close(lg, ref, atol=1e-5, rtol=1e-5)
-        e.advance(list(e.active), logits)
-        for r in e.active:
-            r.cached += 1
+        e.emit(list(e.active), logits.argmax(-1), logits)
 
 
 def test_past_block_size_and_long_prompt():
@@ -122,10 +120,11 @@ def test_top_k_top_p_stay_in_their_sets():
     torch.manual_seed(0)
     logits = torch.randn(2, 50) * 3
     topk, nucleus_seen = set(), set()
-    rk = Request([1], SamplingParams(temperature=1.0, top_k=5))
-    rp = Request([1], SamplingParams(temperature=1.0, top_p=0.6))
+    rk = Request([1], SamplingParams(temperature=1.0, top_k=5), detokenize=None)
+    rp = Request([1], SamplingParams(temperature=1.0, top_p=0.6), detokenize=None)
+    sampler = Sampler([rk, rp], 'cpu')
     for _ in range(200):
-        a, b = sample_tokens(logits, [rk, rp], 'cpu')
+        a, b = sampler.sample(logits).tolist()
         topk.add(a)
         nucleus_seen.add(b)
     assert topk <= set(logits[0].topk(5)[1].tolist()) and len(topk) > 1
@@ -153,15 +152,51 @@ def test_score_and_embed():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-@pytest.mark.parametrize('mode', ['latent', 'naive'])
-def test_cuda_graphs_decode_what_eager_decodes(mode):
-    m = make().to('cuda', torch.bfloat16)
+@pytest.mark.parametrize('mode,speculative', [('latent', False), ('naive', False), ('latent', True)])
+def test_cuda_graphs_decode_what_eager_decodes(mode, speculative):
+    m = make(mtp_depth=1).to('cuda', torch.bfloat16)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 90, (n,), generator=g).tolist() for n in (1, 7, 3, 12, 5)]
-    graphs = Engine(m, TOKENIZER, max_batch=4, cache_mode=mode, cuda_graphs=True)
-    assert graphs.graphs is not None
-    a = graphs.generate(prompts, SamplingParams(max_tokens=30, temperature=0))
-    del graphs
-    b = Engine(m, TOKENIZER, max_batch=4, cache_mode=mode, cuda_graphs=False).generate(
-        prompts, SamplingParams(max_tokens=30, temperature=0))
-    assert [r.tokens for r in a] == [r.tokens for r in b]
+    params = [SamplingParams(max_tokens=30, temperature=0), SamplingParams(max_tokens=30, temperature=0.9, seed=4)] * 3
+    outs = []
+    for graphs in (True, False):
+        e = Engine(m, TOKENIZER, max_batch=4, cache_mode=mode, cuda_graphs=graphs, speculative=speculative)
+        assert (e.graphs is not None) == graphs
+        outs.append([r.tokens for r in e.generate(prompts, params[:5])])
+        del e
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize('mode', ['latent', 'naive'])
+def test_speculative_greedy_equals_plain_greedy(mode):
+    """MTP drafts, the model verifies two positions at once: greedy tokens stay exactly the plain
+    ones, ragged batch and slots reused included (random weights: many drafts are rejected)."""
+    m = make(mtp_depth=1, block_size=48)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 90, (n,), generator=g).tolist() for n in (1, 2, 9, 4, 15)]
+    params = SamplingParams(max_tokens=20, temperature=0)
+    plain = Engine(m, TOKENIZER, max_batch=3, cache_mode=mode).generate(prompts, params)
+    spec_engine = Engine(m, TOKENIZER, max_batch=3, cache_mode=mode, speculative=True)
+    spec = spec_engine.generate(prompts, params)
+    assert [r.tokens for r in spec] == [r.tokens for r in plain]
+    assert spec_engine.drafted > 0 and 0 <= spec_engine.accepted <= spec_engine.drafted
+
+
+def test_speculative_accepts_every_draft_that_agrees():
+    """A zero head makes every prediction token 0, the MTP module's too: each draft is accepted,
+    and every step but those after a prefill yields two tokens."""
+    m = make(mtp_depth=1, block_size=48)
+    with torch.no_grad():
+        m.head.weight.zero_()
+    e = Engine(m, TOKENIZER, max_batch=2, speculative=True)
+    out = e.generate([[1, 2, 3], [4]], SamplingParams(max_tokens=21, temperature=0))
+    assert all(r.tokens == [0] * 21 for r in out)
+    assert e.acceptance_rate == 1.0 and e.drafted == 2 * 10  # 1 token from the prefill, then 2 a step
+
+
+def test_speculative_sampling_is_seeded_and_stays_in_the_vocabulary():
+    m = make(mtp_depth=1, block_size=48)
+    p = SamplingParams(max_tokens=30, temperature=1.0, top_k=30, seed=11)
+    a = Engine(m, TOKENIZER, max_batch=2, speculative=True).generate([[5, 6]], p)[0].tokens
+    b = Engine(m, TOKENIZER, max_batch=2, speculative=True).generate([[5, 6]], p)[0].tokens
+    assert a == b and len(a) == 30 and max(a) < len(CHARS)
