@@ -256,7 +256,8 @@ class Engine:
         h = m.trunk(idx, rows=rows)[0]
         last = lengths.to(self.device) - 1
         if self.speculative:  # the MTP block's cache over the prompt, and where its first draft starts
-            m.mtp(h[:, :-1], m.embed(idx[:, 1:]), *m.rope_at(None, idx.size(1) - 1), rows=rows)
+            if idx.size(1) > 1:
+                m.mtp(h[:, :-1], m.embed(idx[:, 1:]), *m.rope_at(None, idx.size(1) - 1), rows=rows)
             at = torch.arange(n, device=self.device)
             self.mtp_hidden[rows] = torch.stack([h[at, (last - 1).clamp(min=0)], h[at, last]], 1)
         return self.logits(h[torch.arange(n, device=self.device), last])

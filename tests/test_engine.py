@@ -179,6 +179,8 @@ def test_speculative_greedy_equals_plain_greedy(mode):
     spec_engine = Engine(m, TOKENIZER, max_batch=3, cache_mode=mode, speculative=True)
     spec = spec_engine.generate(prompts, params)
     assert [r.tokens for r in spec] == [r.tokens for r in plain]
+    one = Engine(m, TOKENIZER, max_batch=1, cache_mode=mode, speculative=True).generate([prompts[0]], params)[0]
+    assert one.tokens == plain[0].tokens  # a one-token prompt: nothing for the MTP block to prefill
     assert spec_engine.drafted > 0 and 0 <= spec_engine.accepted <= spec_engine.drafted
 
 
