@@ -65,7 +65,8 @@ def hf_tokenizer(tokenizer_json):
     try:
         return Tokenizer.from_str(tokenizer_json)
     except Exception as e:  # the Rust side raises plain Exceptions
-        raise ValueError(f"not a Hugging Face tokenizer.json ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"not a Hugging Face tokenizer.json ({why})") from None
 
 def train_bpe(texts, vocab_size):
     """A byte-level BPE (GPT-2's scheme) trained on an iterable of texts -> its tokenizer.json text.
