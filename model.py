@@ -203,7 +203,7 @@ class MLA(nn.Module):
         wkv_b = self.wkv_b.weight.view(c.n_head, -1, c.kv_lora_rank)
         w_uk, w_uv = wkv_b[:, :c.qk_nope_head_dim], wkv_b[:, c.qk_nope_head_dim:]
         q_latent = torch.einsum('bshd,hdc->bshc', q_nope, w_uk).to(c_cache.dtype)
-        if T == 1 and not 0 < c.attn_window < c.block_size:  # one token each: the seam the CUDA kernel replaces
+        if T == 1 and not 0 < c.attn_window < c.block_size:  # one token each: the CUDA kernel's seam
             lengths = (pos[:, 0] + 1).to(torch.int32)
             o = ops.latent_decode(q_latent[:, 0], q_pe[:, 0].to(c_cache.dtype), c_cache, pe_cache,
                                   lengths, self.softmax_scale).unsqueeze(1)
@@ -211,7 +211,8 @@ class MLA(nn.Module):
                     # know yet: the same equations, masked per query
             scores = (torch.einsum('bshc,btc->bsht', q_latent, c_cache) +
                       torch.einsum('bshr,btr->bsht', q_pe.to(c_cache.dtype), pe_cache)) * self.softmax_scale
-            scores = scores.masked_fill(~visible(pos, c_cache.size(1), c.attn_window)[:, :, None, :], float('-inf'))
+            seen = visible(pos, c_cache.size(1), c.attn_window)
+            scores = scores.masked_fill(~seen[:, :, None, :], float('-inf'))
             o = torch.einsum('bsht,btc->bshc', scores.softmax(-1, dtype=torch.float32).type_as(c_cache), c_cache)
         return torch.einsum('bshc,hdc->bshd', o.type_as(w_uv), w_uv)
 

@@ -283,10 +283,11 @@ def plot_expert_load():
         return
     load = np.array([r['load'] for r in train])  # [logs, layers, experts]
     n_layers, n_experts = load.shape[1:]
-    fig, axes = plt.subplots(n_layers, 1, figsize=(8, 1.2 + 0.12 * n_experts * n_layers), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(n_layers, 1, figsize=(8, 1.2 + 0.12 * n_experts * n_layers), squeeze=False,
+                             sharex=True)
     extent = (train[0]['iter'], train[-1]['iter'], n_experts - 0.5, -0.5)
     for i, ax in enumerate(axes[:, 0]):
-        im = ax.imshow(load[:, i].T * n_experts, aspect='auto', cmap='viridis', extent=extent, interpolation='nearest')
+        im = ax.imshow(load[:, i].T * n_experts, aspect='auto', extent=extent, interpolation='nearest')
         ax.set(ylabel=f'MoE layer {i}\nexpert')
     axes[-1, 0].set(xlabel='iteration')
     fig.colorbar(im, ax=axes[:, 0], label='load / fair share')
