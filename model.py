@@ -26,6 +26,7 @@ class ModelConfig:
     n_embd: int = 384
     n_head: int = 6
     attn: str = 'mla'              # 'mla', or 'mha' for a standard-attention baseline
+    attn_window: int = 0           # sliding window: attend to at most the last attn_window tokens; 0 = all
     # MLA: queries through a low-rank bottleneck (0 = plain projection, as V2-Lite), keys and
     # values through a joint latent c_kv, plus one decoupled RoPE key shared by all heads
     q_lora_rank: int = 0
@@ -63,6 +64,7 @@ class ModelConfig:
                   'qk_nope_head_dim', 'v_head_dim', 'dense_inter_dim'):
             need(getattr(self, f) > 0, f, "must be > 0")
         need(self.attn in ('mla', 'mha'), 'attn', "must be 'mla' or 'mha'")
+        need(self.attn_window >= 0, 'attn_window', "must be >= 0 (0 = full causal attention)")
         need(self.attn == 'mla' or self.n_embd % (2 * self.n_head) == 0, 'n_embd',
              "must split into n_head heads of even size for 'mha'")
         need(self.q_lora_rank >= 0, 'q_lora_rank', "must be >= 0 (0 = no query compression)")
@@ -117,20 +119,25 @@ def write_cache(cache, values, pos, rows):
         c[rows[:, None], pos] = v.to(c.dtype)
 
 
-def visible(pos, length):
-    """[B, T, length] mask: cache entry j is visible to the query at position pos[b, t] when j <= it."""
-    return torch.arange(length, device=pos.device) <= pos[:, :, None]
+def visible(pos, length, window=0):
+    """[B, T, length] mask: cache entry j is visible to the query at position pos[b, t] when j <= it,
+    and with a sliding window when it is one of the last `window` positions (the query's own included)."""
+    j, pos = torch.arange(length, device=pos.device), pos[:, :, None]
+    return (j <= pos) & (j > pos - window) if window else j <= pos
 
 
 def cached_attention(attn, q, k, v, cache=None, pos=None, rows=None):
-    """Causal SDPA over [B, T, H, d] tensors. With a per-head K/V cache, k and v are written into it;
-    when decoding (pos [B, T] given), the queries attend to the cache up to their own positions."""
-    mask = None
+    """Causal SDPA over [B, T, H, d] tensors, banded to the last attn_window keys where a window is
+    set. With a per-head K/V cache, k and v are written into it; when decoding (pos [B, T] given), the
+    queries attend to the cache up to their own positions."""
+    mask, window = None, attn.cfg.attn_window
     if cache is not None:
         write_cache(cache, (k, v), pos, rows)
         if pos is not None:
             k, v = cache[0][:q.size(0)], cache[1][:q.size(0)]
-            mask = visible(pos, k.size(1))[:, None]
+            mask = visible(pos, k.size(1), window)[:, None]
+    if mask is None and 0 < window < k.size(1):  # training and prefill, from position 0
+        mask = visible(torch.arange(q.size(1), device=q.device)[None], k.size(1), window)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=mask, is_causal=mask is None and q.size(1) > 1,
                                        scale=attn.softmax_scale, dropout_p=attn.dropout if attn.training else 0.0)
@@ -196,14 +203,16 @@ class MLA(nn.Module):
         wkv_b = self.wkv_b.weight.view(c.n_head, -1, c.kv_lora_rank)
         w_uk, w_uv = wkv_b[:, :c.qk_nope_head_dim], wkv_b[:, c.qk_nope_head_dim:]
         q_latent = torch.einsum('bshd,hdc->bshc', q_nope, w_uk).to(c_cache.dtype)
-        if T == 1:  # one token per sequence: the seam the CUDA kernel replaces
+        if T == 1 and not 0 < c.attn_window < c.block_size:  # one token each: the CUDA kernel's seam
             lengths = (pos[:, 0] + 1).to(torch.int32)
             o = ops.latent_decode(q_latent[:, 0], q_pe[:, 0].to(c_cache.dtype), c_cache, pe_cache,
                                   lengths, self.softmax_scale).unsqueeze(1)
-        else:       # several (speculative verification): the same equations, masked per query
+        else:       # several (speculative verification), or a sliding window the kernel does not
+                    # know yet: the same equations, masked per query
             scores = (torch.einsum('bshc,btc->bsht', q_latent, c_cache) +
                       torch.einsum('bshr,btr->bsht', q_pe.to(c_cache.dtype), pe_cache)) * self.softmax_scale
-            scores = scores.masked_fill(~visible(pos, c_cache.size(1))[:, :, None, :], float('-inf'))
+            seen = visible(pos, c_cache.size(1), c.attn_window)
+            scores = scores.masked_fill(~seen[:, :, None, :], float('-inf'))
             o = torch.einsum('bsht,btc->bshc', scores.softmax(-1, dtype=torch.float32).type_as(c_cache), c_cache)
         return torch.einsum('bshc,hdc->bshd', o.type_as(w_uv), w_uv)
 

@@ -5,8 +5,11 @@ Tokenize a text corpus into uint16 token shards for train.py.
     python prepare.py shakespeare                     # GPT-2 BPE tiny shakespeare
     python prepare.py mydata --input 'books/*.txt'    # one document per file
     python prepare.py fw --hf HuggingFaceFW/fineweb --hf_config sample-10BT
+    python prepare.py mybpe --input corpus.txt --tokenizer=bpe --bpe_vocab_size=20000
+    python prepare.py smol --input 'books/*.txt' --tokenizer=path/to/tokenizer.json
 
-Writes data/NAME/{train,val}_000.bin, ... and data/NAME/meta.json.
+Writes data/NAME/{train,val}_000.bin, ... and data/NAME/meta.json (plus data/NAME/tokenizer.json for
+a Hugging Face tokenizer, whose text meta.json also holds, so every checkpoint carries its tokenizer).
 Shards use llm.c's format: 256 int32 header [magic, version, ntok, 0...], then ntok uint16.
 """
 import argparse
@@ -35,6 +38,7 @@ EOT = 50256  # GPT-2 <|endoftext|>, put in front of every document (as llm.c doe
 MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 256 * 4
 SHAKESPEARE = {'shakespeare': 'gpt2', 'shakespeare_char': 'char'}  # NAME -> tokenizer
 DATASETS_EXTS = {'.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}
+HF_EOT = '<|endoftext|>'  # the special token a trained BPE gets (and SmolLM2's, GPT-2's)
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -54,8 +58,34 @@ def gpt2_encoding():
     return tiktoken.Encoding('gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={ENDOFTEXT: EOT}, explicit_n_vocab=50257)
 
+@lru_cache(maxsize=4)
+def hf_tokenizer(tokenizer_json):
+    """A Hugging Face tokenizers.Tokenizer from the text of a tokenizer.json."""
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_str(tokenizer_json)
+    except Exception as e:  # the Rust side raises plain Exceptions
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"not a Hugging Face tokenizer.json ({why})") from None
+
+def train_bpe(texts, vocab_size):
+    """A byte-level BPE (GPT-2's scheme) trained on an iterable of texts -> its tokenizer.json text.
+    Every byte is in the initial alphabet, so any text encodes; the one special token marks documents."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[HF_EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok.to_str()
+
 def get_tokenizer(desc):
     """(encode, decode) for a meta.json tokenizer description."""
+    if desc['kind'] == 'hf':
+        tok = hf_tokenizer(desc['json'])
+        return (lambda s: tok.encode(s, add_special_tokens=False).ids,
+                lambda ids: tok.decode(ids, skip_special_tokens=False))
     if desc['kind'] == 'gpt2':
         enc = gpt2_encoding()
         return enc.encode_ordinary, enc.decode
@@ -71,10 +101,18 @@ def get_tokenizer(desc):
         def decode(ids):
             return ''.join(chars[i] for i in ids)
         return encode, decode
-    raise ValueError(f"unknown tokenizer kind {desc['kind']!r} (expected 'gpt2' or 'char')")
+    raise ValueError(f"unknown tokenizer kind {desc['kind']!r} (expected 'gpt2', 'char' or 'hf')")
 
 def vocab_size_of(desc):
+    if desc['kind'] == 'hf':
+        return hf_tokenizer(desc['json']).get_vocab_size(with_added_tokens=True)
     return 50257 if desc['kind'] == 'gpt2' else len(desc['chars'])
+
+def eot_of(desc):
+    """The id put in front of every document, or None (chars, a tokenizer.json without <|endoftext|>)."""
+    if desc['kind'] == 'gpt2':
+        return EOT
+    return hf_tokenizer(desc['json']).token_to_id(HF_EOT) if desc['kind'] == 'hf' else None
 
 def check_vocab_size(vocab_size):
     if vocab_size > 2**16:
@@ -214,12 +252,41 @@ def load_corpus(args):
         return args.tokenizer or 'gpt2', [ds[0][args.text_field]] if len(ds) == 1 else ds, sha
     return args.tokenizer or 'gpt2', [Path(f).read_text(encoding='utf-8') for f in files], sha
 
+def corpus_texts(corpus, field):
+    return iter(corpus) if isinstance(corpus, list) else (t for b in corpus.iter(batch_size=1000) for t in b[field])
+
 def corpus_chars(corpus, field):
     """The char vocabulary: every character of the corpus, sorted."""
     chars = set()
-    for t in corpus if isinstance(corpus, list) else (t for b in corpus.iter(batch_size=1000) for t in b[field]):
+    for t in corpus_texts(corpus, field):
         chars.update(t)
     return ''.join(sorted(chars))
+
+def check_tokenizer_flag(args):
+    if args.tokenizer not in (None, 'gpt2', 'char', 'bpe') and not args.tokenizer.endswith('.json'):
+        raise ValueError(f"--tokenizer={args.tokenizer}: must be gpt2, char, bpe or a path to a tokenizer.json")
+    if args.tokenizer and args.tokenizer.endswith('.json') and not os.path.isfile(args.tokenizer):
+        raise FileNotFoundError(f"--tokenizer={args.tokenizer}: no such file")
+    if args.tokenizer == 'bpe' and not 257 < args.bpe_vocab_size <= 2**16:
+        raise ValueError(f"--bpe_vocab_size={args.bpe_vocab_size}: must be in (257, 65536]: more than the 256 "
+                         f"bytes and <|endoftext|>, at most what uint16 token shards hold")
+
+def tokenizer_desc(kind, corpus, args):
+    """meta.json's tokenizer description; a Hugging Face tokenizer is stored whole, as its json text."""
+    if kind == 'char':
+        return {'kind': 'char', 'chars': corpus_chars(corpus, args.text_field)}
+    if kind == 'gpt2':
+        return {'kind': 'gpt2'}
+    if kind == 'bpe':
+        return {'kind': 'hf', 'json': train_bpe(corpus_texts(corpus, args.text_field), args.bpe_vocab_size)}
+    tokenizer_json = Path(kind).read_text(encoding='utf-8')
+    hf_tokenizer(tokenizer_json)  # fail now, not after tokenizing, on a file that is no tokenizer
+    return {'kind': 'hf', 'json': tokenizer_json}
+
+def write_text(path, text):
+    with open(f'{path}.tmp', 'w', encoding='utf-8') as f:
+        f.write(text)
+    os.replace(f'{path}.tmp', path)
 
 def num_val(n_docs, val_fraction):
     return min(n_docs - 1, max(1, round(n_docs * val_fraction)))  # at least one doc each side
@@ -248,7 +315,9 @@ def main(argv):
     ap.add_argument('--hf_config', default=None)
     ap.add_argument('--hf_split', default='train')
     ap.add_argument('--text_field', default='text')
-    ap.add_argument('--tokenizer', choices=['gpt2', 'char'], default=None, help='default: gpt2')
+    ap.add_argument('--tokenizer', default=None,
+                    help='gpt2 (default), char, bpe (trained on the corpus), or PATH/tokenizer.json')
+    ap.add_argument('--bpe_vocab_size', type=int, default=20000, help='vocabulary of --tokenizer=bpe')
     ap.add_argument('--shard_size', type=int, default=100_000_000, help='tokens per shard')
     ap.add_argument('--val_fraction', type=float, default=0.1)
     ap.add_argument('--num_proc', type=int, default=max(1, (os.cpu_count() or 2) // 2))
@@ -258,13 +327,14 @@ def main(argv):
         raise ValueError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if not 0 < args.shard_size < 2**31:  # the header stores the count as int32
         raise ValueError(f"--shard_size must be in [1, 2**31), got {args.shard_size}")
+    check_tokenizer_flag(args)
 
     kind, corpus, source_sha = load_corpus(args)
-    desc = {'kind': 'char', 'chars': corpus_chars(corpus, args.text_field)} if kind == 'char' else {'kind': 'gpt2'}
+    desc = tokenizer_desc(kind, corpus, args)
     check_vocab_size(vocab_size_of(desc))
     encode, _ = get_tokenizer(desc)
-    # documents start with <|endoftext|> for gpt2, except nanoGPT's shakespeare which has none
-    eot = [EOT] if kind == 'gpt2' and args.name not in SHAKESPEARE else []
+    # documents start with <|endoftext|> where the tokenizer has one, except in nanoGPT's shakespeare
+    eot = [eot_of(desc)] if eot_of(desc) is not None and args.name not in SHAKESPEARE else []
     splits = tokenize(corpus, encode, eot, args)
 
     out = os.path.join(args.out_dir, args.name)
@@ -274,9 +344,9 @@ def main(argv):
     counts = {split: write_split(out, split, docs, args.shard_size) for split, docs in splits.items()}
     meta = {'tokenizer': desc, 'vocab_size': vocab_size_of(desc), 'train_tokens': counts['train'][0],
             'val_tokens': counts['val'][0], 'source_sha256': source_sha}
-    with open(os.path.join(out, 'meta.json.tmp'), 'w') as f:
-        json.dump(meta, f, indent=2)
-    os.replace(os.path.join(out, 'meta.json.tmp'), os.path.join(out, 'meta.json'))
+    if desc['kind'] == 'hf':
+        write_text(os.path.join(out, 'tokenizer.json'), desc['json'])
+    write_text(os.path.join(out, 'meta.json'), json.dumps(meta, indent=2))
     for split, (ntok, nshards) in counts.items():
         print(f"{split}: {ntok:,} tokens in {nshards} shard(s)")
     print(f"vocab: {meta['vocab_size']:,} ({kind}); wrote {out}")

@@ -36,6 +36,7 @@ eval_iters = 50
 eval_only = False
 always_save_checkpoint = True  # ckpt.pt at every eval; False: only when val loss improves
 init_from = 'scratch'           # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+tensorboard = False             # scalars and expert-load histograms to out_dir/tb
 # data
 dataset = 'shakespeare'
 gradient_accumulation_steps = 1  # per optimizer step, over all processes
@@ -248,13 +249,21 @@ def log(record):
         f.write(json.dumps(record) + '\n')
 
 
-def plot_losses():
-    """out_dir/loss.png from log.jsonl, for a person to look at."""
+def pyplot():
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    return plt
+
+
+def read_log():
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        records = [json.loads(line) for line in f]
+        return [json.loads(line) for line in f]
+
+
+def plot_losses():
+    """out_dir/loss.png from log.jsonl, for a person to look at."""
+    plt, records = pyplot(), read_log()
     fig, ax = plt.subplots(figsize=(7, 4))
     train = [r for r in records if r['kind'] == 'train']
     ax.plot([r['iter'] for r in train], [r['ce'] for r in train], lw=0.8, alpha=0.6, label='train (batch)')
@@ -266,6 +275,39 @@ def plot_losses():
     fig.savefig(os.path.join(out_dir, 'loss.png'), dpi=100, bbox_inches='tight')
     plt.close(fig)
 
+
+def plot_expert_load():
+    """out_dir/expert_load.png: each MoE layer's load (1 = a fair share) per expert over training."""
+    plt, train = pyplot(), [r for r in read_log() if r['kind'] == 'train' and r.get('load')]
+    if not train:
+        return
+    load = np.array([r['load'] for r in train])  # [logs, layers, experts]
+    n_layers, n_experts = load.shape[1:]
+    fig, axes = plt.subplots(n_layers, 1, figsize=(8, 1.2 + 0.12 * n_experts * n_layers), squeeze=False,
+                             sharex=True)
+    extent = (train[0]['iter'], train[-1]['iter'], n_experts - 0.5, -0.5)
+    for i, ax in enumerate(axes[:, 0]):
+        im = ax.imshow(load[:, i].T * n_experts, aspect='auto', extent=extent, interpolation='nearest')
+        ax.set(ylabel=f'MoE layer {i}\nexpert')
+    axes[-1, 0].set(xlabel='iteration')
+    fig.colorbar(im, ax=axes[:, 0], label='load / fair share')
+    fig.savefig(os.path.join(out_dir, 'expert_load.png'), dpi=100, bbox_inches='tight')
+    plt.close(fig)
+
+
+def tensorboard_writer():
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(os.path.join(out_dir, 'tb'))
+
+
+def tensorboard_expert_load(tb, shares, step):
+    """One histogram per MoE layer whose buckets are the experts, filled with their load."""
+    experts = np.arange(shares.shape[1])
+    for i, s in enumerate(shares):
+        tb.add_histogram_raw(f'expert_load/layer{i}', min=0, max=len(s) - 1, num=1.0, sum=float(experts @ s),
+                             sum_squares=float(experts ** 2 @ s), bucket_limits=(experts + 0.5).tolist(),
+                             bucket_counts=s.tolist(), global_step=step)
+
 # -----------------------------------------------------------------------------
 # training loop
 
@@ -274,6 +316,8 @@ X, Y = get_batch('train', batch_rng(iter_num, 0))
 start_iter = iter_num  # a resumed run does not rewrite the checkpoint it started from
 t0 = time.time()
 local_iter_num, running_mfu = 0, -1.0
+tb = tensorboard_writer() if tensorboard and master else None
+shares = None  # the last logged expert load, each layer's fractions of its tokens [n_moe_layers, E]
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for group in optimizer.param_groups:
@@ -286,6 +330,12 @@ while True:
         if master:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             log({'kind': 'eval', 'iter': iter_num, **losses, 'lr': lr})
+            if tb:
+                for split, value in losses.items():
+                    tb.add_scalar(f'eval/{split}', value, iter_num)
+                if shares is not None:
+                    tensorboard_expert_load(tb, shares, iter_num)
+                tb.flush()
             improved = losses['val'] < best_val_loss
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > start_iter and (improved or always_save_checkpoint):
@@ -295,6 +345,7 @@ while True:
                 print(f"saved checkpoint to {out_dir}")
             if iter_num > start_iter:
                 plot_losses()
+                plot_expert_load()
     if iter_num == max_iters or eval_only:
         break
 
@@ -309,9 +360,10 @@ while True:
         last = micro_step == gradient_accumulation_steps - 1
         X, Y = get_batch('train', batch_rng(iter_num + last, 0 if last else micro_step + 1))
         scaler.scale(loss).backward()
-    if grad_clip != 0.0:
+    grad_norm = None
+    if grad_clip != 0.0 or iter_num % log_interval == 0:  # without clipping, the norm only for the log
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -332,14 +384,23 @@ while True:
         if local_iter_num >= 5 and mfu is not None:
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         imbalance = (load.max(-1).values / load.mean(-1)).mean().item() if isinstance(load, torch.Tensor) else 1.0
+        shares = (load / load.sum(-1, keepdim=True)).cpu().numpy() if isinstance(load, torch.Tensor) else None
         print(f"iter {iter_num}: loss {lossf:.4f} (ce {parts['ce']:.4f} bal {parts['balance']:.4f} "
               f"z {parts['z']:.4f} mtp {parts['mtp']:.4f}), lr {lr:.2e}, {dt * 1000:.0f}ms, "
               f"{tokens_per_sec:,.0f} tok/s, mfu {f'{running_mfu:.1%}' if running_mfu >= 0 else 'n/a'}, "
               f"load max/mean {imbalance:.2f}")
-        log({'kind': 'train', 'iter': iter_num, 'loss': lossf, **parts, 'lr': lr, 'ms': dt * 1000,
-             'tokens_per_sec': tokens_per_sec, 'mfu': mfu, 'load_imbalance': imbalance})
+        record = {'loss': lossf, **parts, 'lr': lr, 'ms': dt * 1000, 'tokens_per_sec': tokens_per_sec, 'mfu': mfu,
+                  'grad_norm': grad_norm.item(), 'load_imbalance': imbalance}
+        log({'kind': 'train', 'iter': iter_num, **record,
+             'load': None if shares is None else shares.round(5).tolist()})
+        if tb:
+            for name, value in record.items():
+                if value is not None:
+                    tb.add_scalar(f'train/{name}', value, iter_num)
     iter_num += 1
     local_iter_num += 1
 
+if tb:
+    tb.close()
 if ddp:
     dist.destroy_process_group()
