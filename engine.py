@@ -138,7 +138,8 @@ class Sampler:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch=64, cuda_graphs=None, cache_mode='latent', speculative=False):
+    def __init__(self, model, tokenizer, max_batch=64, cuda_graphs=None, cache_mode='latent', speculative=False,
+                 max_positions=None):
         self.model, self.cfg = model, model.cfg
         self.device = model.head.weight.device
         self.encode, self.decode = get_tokenizer(tokenizer)
@@ -147,9 +148,18 @@ class Engine:
         if speculative and model.mtp is None:
             raise ValueError("speculative decoding needs a model trained with mtp_depth=1")
         self.speculative = speculative
+        # With a sliding window the cache is a ring of the last window positions (one more for a
+        # draft, which must not overwrite what the pending token sees), so memory stays flat and
+        # decoding goes on past block_size, up to max_positions (RoPE tables that long).
+        window = self.cfg.attn_window
+        self.ring = 0 < window < self.block_size
+        positions = (max_positions or 16 * self.block_size) if self.ring else self.block_size
+        if positions != model.rope_cos.size(0):
+            model.set_positions(positions)
         # a draft sits one position past the pending token, so the context must leave room for it
-        self.max_context = self.block_size - 1 if speculative else self.block_size
-        model.setup_cache(max_batch, cache_mode if self.cfg.attn == 'mla' else 'naive')
+        self.max_context = positions - speculative
+        model.setup_cache(max_batch, cache_mode if self.cfg.attn == 'mla' else 'naive',
+                          length=window + speculative if self.ring else self.block_size)
         # the main model's hidden states at the two positions the next draft starts from
         self.mtp_hidden = torch.zeros(max_batch, 2, self.cfg.n_embd, device=self.device,
                                       dtype=model.head.weight.dtype) if speculative else None
@@ -178,7 +188,7 @@ class Engine:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.n_vocab})")
         r = Request(list(prompt), params, self.decode, id=self.next_id)
         self.next_id += 1
-        r.context = r.prompt[-self.max_context:]
+        r.context = r.prompt[-min(self.block_size, self.max_context):]
         if params.seed is not None:
             r.generator = torch.Generator(self.device).manual_seed(params.seed)
         self.waiting.append(r)
@@ -230,6 +240,8 @@ class Engine:
             if len(r.context) > self.max_context:  # out of positions: go on from the last half
                 r.context, r.cached = r.context[-(self.block_size // 2):], 0
         pending = [r for r in self.active if r.cached == 0]
+        if self.ring:  # right-padding would wrap around a ring: one prompt at a time
+            pending = pending[:1]
         if pending:
             logits = self.prefill(pending)
             self.emit(pending, self.sampler_of(pending).sample(logits), logits)

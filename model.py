@@ -108,22 +108,29 @@ def apply_rope(x, cos, sin):
 
 
 def write_cache(cache, values, pos, rows):
-    """Write values [B, T, ...] into the cache tensors [slots, block_size, ...] at rows (slots; default
-    the first B) and positions pos [B, T] (default 0..T-1, a prefill). Indexing by tensors keeps the
-    shapes static, so a decode step can be captured in a CUDA graph."""
+    """Write values [B, T, ...] into the cache tensors [slots, L, ...] at rows (slots; default the
+    first B) and positions pos [B, T] (default 0..T-1, a prefill). Position p lands in entry p % L:
+    a cache shorter than the positions (a sliding window's) is a ring buffer and keeps the last L.
+    Indexing by tensors keeps the shapes static, so a decode step can be captured in a CUDA graph."""
     B, T = values[0].shape[:2]
-    device = values[0].device
+    L, device = cache[0].size(1), values[0].device
     rows = torch.arange(B, device=device) if rows is None else rows
     pos = torch.arange(T, device=device).expand(B, T) if pos is None else pos
+    if T > L:  # a prefill longer than a ring: only its last L positions stay
+        values, pos = [v[:, -L:] for v in values], pos[:, -L:]
     for c, v in zip(cache, values):
-        c[rows[:, None], pos] = v.to(c.dtype)
+        c[rows[:, None], pos % L] = v.to(c.dtype)
 
 
 def visible(pos, length, window=0):
-    """[B, T, length] mask: cache entry j is visible to the query at position pos[b, t] when j <= it,
-    and with a sliding window when it is one of the last `window` positions (the query's own included)."""
-    j, pos = torch.arange(length, device=pos.device), pos[:, :, None]
-    return (j <= pos) & (j > pos - window) if window else j <= pos
+    """[B, T, length] mask: may the query at position pos[b, t] see cache entry j? Entry j holds the
+    latest position written there (j itself unless the cache is a ring, see write_cache); it is
+    visible when that position is not after the query's and, with a sliding window, is one of the
+    last `window` positions (the query's own included)."""
+    j, last, q = torch.arange(length, device=pos.device), pos[:, -1:, None], pos[:, :, None]
+    held = last - (last - j) % length
+    seen = (held >= 0) & (held <= q)
+    return seen & (held > q - window) if window else seen
 
 
 def cached_attention(attn, q, k, v, cache=None, pos=None, rows=None):
@@ -163,13 +170,13 @@ class MLA(nn.Module):
         self.dropout = cfg.dropout
         self.cache, self.latent = None, False
 
-    def setup_cache(self, batch_size, mode, dtype, device):
+    def setup_cache(self, batch_size, length, mode, dtype, device):
         c, H = self.cfg, self.cfg.n_head
         if mode == 'latent':  # all a token costs: its latent c_kv and its RoPE key
             shapes = [(c.kv_lora_rank,), (c.qk_rope_head_dim,)]
         else:                 # the decompressed per-head keys and values
             shapes = [(H, c.qk_head_dim), (H, c.v_head_dim)]
-        self.cache = tuple(torch.zeros(batch_size, c.block_size, *s, dtype=dtype, device=device) for s in shapes)
+        self.cache = tuple(torch.zeros(batch_size, length, *s, dtype=dtype, device=device) for s in shapes)
         self.latent = mode == 'latent'
 
     def forward(self, x, cos, sin, pos=None, rows=None):
@@ -203,15 +210,16 @@ class MLA(nn.Module):
         wkv_b = self.wkv_b.weight.view(c.n_head, -1, c.kv_lora_rank)
         w_uk, w_uv = wkv_b[:, :c.qk_nope_head_dim], wkv_b[:, c.qk_nope_head_dim:]
         q_latent = torch.einsum('bshd,hdc->bshc', q_nope, w_uk).to(c_cache.dtype)
-        if T == 1 and not 0 < c.attn_window < c.block_size:  # one token each: the CUDA kernel's seam
-            lengths = (pos[:, 0] + 1).to(torch.int32)
+        L = c_cache.size(1)
+        if T == 1 and not 0 < c.attn_window < L:  # one token each: the CUDA kernel's seam; a ring
+            lengths = (pos[:, 0] + 1).clamp(max=L).to(torch.int32)  # of the window is all visible
             o = ops.latent_decode(q_latent[:, 0], q_pe[:, 0].to(c_cache.dtype), c_cache, pe_cache,
                                   lengths, self.softmax_scale).unsqueeze(1)
         else:       # several (speculative verification), or a sliding window the kernel does not
                     # know yet: the same equations, masked per query
             scores = (torch.einsum('bshc,btc->bsht', q_latent, c_cache) +
                       torch.einsum('bshr,btr->bsht', q_pe.to(c_cache.dtype), pe_cache)) * self.softmax_scale
-            seen = visible(pos, c_cache.size(1), c.attn_window)
+            seen = visible(pos, L, c.attn_window)
             scores = scores.masked_fill(~seen[:, :, None, :], float('-inf'))
             o = torch.einsum('bsht,btc->bshc', scores.softmax(-1, dtype=torch.float32).type_as(c_cache), c_cache)
         return torch.einsum('bshc,hdc->bshd', o.type_as(w_uv), w_uv)
@@ -228,8 +236,8 @@ class MHA(nn.Module):
         self.dropout = cfg.dropout
         self.cache = None
 
-    def setup_cache(self, batch_size, mode, dtype, device):
-        shape = (batch_size, self.cfg.block_size, self.cfg.n_head, self.head_dim)
+    def setup_cache(self, batch_size, length, mode, dtype, device):
+        shape = (batch_size, length, self.cfg.n_head, self.head_dim)
         self.cache = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
     def forward(self, x, cos, sin, pos=None, rows=None):
@@ -378,10 +386,9 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.mtp = MTP(cfg) if cfg.mtp_depth else None
-        rope_dim = cfg.qk_rope_head_dim if cfg.attn == 'mla' else cfg.n_embd // cfg.n_head
-        cos, sin = rope_tables(rope_dim, cfg.block_size, cfg.rope_theta)
-        self.register_buffer('rope_cos', cos, persistent=False)
-        self.register_buffer('rope_sin', sin, persistent=False)
+        self.register_buffer('rope_cos', None, persistent=False)
+        self.register_buffer('rope_sin', None, persistent=False)
+        self.set_positions(cfg.block_size)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith(('wo.weight', 'w2.weight')) or name.endswith('ffn.w2'):
@@ -394,6 +401,13 @@ class Transformer(nn.Module):
             for p in module.parameters(recurse=False):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02)
 
+    def set_positions(self, n):
+        """RoPE tables for n positions: block_size, or more to decode past it with a sliding window."""
+        cfg = self.cfg
+        rope_dim = cfg.qk_rope_head_dim if cfg.attn == 'mla' else cfg.n_embd // cfg.n_head
+        like = self.head.weight if self.rope_cos is None else self.rope_cos  # keep device and dtype
+        self.rope_cos, self.rope_sin = (t.to(like) for t in rope_tables(rope_dim, n, cfg.rope_theta))
+
     def rope_at(self, pos, T):
         """cos, sin for T positions from 0 (pos None), or per sequence from pos [B, T]."""
         if pos is None:
@@ -404,7 +418,7 @@ class Transformer(nn.Module):
         """-> hidden states before the final norm [B, T, D], aux losses, expert loads. pos [B, T]
         when decoding over the caches (see MLA.forward), rows: the cache slots a prefill fills."""
         T = idx.size(1)
-        if pos is None and T > self.cfg.block_size:
+        if pos is None and T > self.rope_cos.size(0):
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
         cos, sin = self.rope_at(pos, T)
         h, aux, loads = self.drop(self.embed(idx)), [], []
@@ -421,7 +435,7 @@ class Transformer(nn.Module):
         stats = its parts plus the expert loads [n_moe_layers, E]; without: last-position logits.
         start_pos > 0 decodes over the caches (setup_cache) from that position."""
         B, T = idx.shape
-        if start_pos + T > self.cfg.block_size:
+        if start_pos + T > self.rope_cos.size(0):  # block_size, unless set_positions made more
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size {self.cfg.block_size}")
         pos = (start_pos + torch.arange(T, device=idx.device)).expand(B, T) if start_pos else None
         h, aux, loads = self.trunk(idx, pos)
@@ -493,12 +507,13 @@ class Transformer(nn.Module):
         """Every attention module, the MTP block's last: each gets a cache for decoding."""
         return [layer.attn for layer in self.layers] + ([self.mtp.block.attn] if self.mtp is not None else [])
 
-    def setup_cache(self, batch_size, mode='latent', dtype=None, device=None):
-        """mode 'latent' caches c_kv and k_pe (absorbed attention), 'naive' per-head K and V."""
+    def setup_cache(self, batch_size, mode='latent', dtype=None, device=None, length=None):
+        """mode 'latent' caches c_kv and k_pe (absorbed attention), 'naive' per-head K and V; length
+        entries per sequence (default block_size; fewer make a ring buffer for a sliding window)."""
         assert mode in ('latent', 'naive') and (mode == 'naive' or self.cfg.attn == 'mla')
         p = self.head.weight
         for attn in self.attentions():
-            attn.setup_cache(batch_size, mode, dtype or p.dtype, device or p.device)
+            attn.setup_cache(batch_size, length or self.cfg.block_size, mode, dtype or p.dtype, device or p.device)
 
     def clear_cache(self):
         for attn in self.attentions():

@@ -62,22 +62,25 @@ def test_cached_decoding_matches_full_forward_past_the_window(attn, mode, prefil
     assert rel_err(cached_logits(m, x, mode, prefill), m(x, x)[0]) < 1e-5
 
 
-@pytest.mark.parametrize('attn,mode', KINDS)
-def test_engine_with_window_decodes_what_the_full_forward_does(attn, mode):
-    """Ragged prompts sharing a batch, greedy, well past a window of 4: the same tokens as the full
-    forward (fp64, so no near-tie can flip an argmax)."""
-    m = make(4, attn=attn).double()
+@pytest.mark.parametrize('attn,mode,speculative', [*[(a, m, False) for a, m in KINDS], ('mla', 'latent', True)])
+def test_engine_with_window_decodes_what_the_full_forward_does(attn, mode, speculative):
+    """Ragged prompts sharing a batch, greedy, well past a window of 4 and past block_size (24): the
+    same tokens as the full forward (fp64, so no near-tie can flip an argmax), from a cache that is a
+    ring of the window's length whatever the sequence's."""
+    m = make(4, attn=attn, mtp_depth=int(speculative)).double()
     chars = ''.join(chr(33 + i) for i in range(90))
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 90, (n,), generator=g).tolist() for n in (1, 5, 9, 3)]
-    out = Engine(m, {'kind': 'char', 'chars': chars}, max_batch=3, cache_mode=mode).generate(
-        prompts, SamplingParams(max_tokens=12, temperature=0))
+    engine = Engine(m, {'kind': 'char', 'chars': chars}, max_batch=3, cache_mode=mode, speculative=speculative)
+    assert all(c.size(1) == 4 + speculative for attn_ in m.attentions() for c in attn_.cache)
+    out = engine.generate(prompts, SamplingParams(max_tokens=40, temperature=0))
+    m.clear_cache()
     for prompt, r in zip(prompts, out):
         ids = list(prompt)
         with torch.no_grad():
-            for _ in range(12):
+            for _ in range(40):
                 ids.append(int(m(torch.tensor([ids]))[0][0, -1, :90].argmax()))
-        assert r.tokens == ids[len(prompt):]
+        assert len(ids) > 24 and r.tokens == ids[len(prompt):]
 
 
 def test_window_trains_and_is_validated():
@@ -87,3 +90,26 @@ def test_window_trains_and_is_validated():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match='attn_window'):
         ModelConfig(attn_window=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('graphs', [False, True])
+def test_ring_cache_through_the_decode_kernel(graphs):
+    """On CUDA the ring of the window goes through ops.latent_decode (all its entries visible): each
+    step's logits equal the full forward's with the band mask, past the window and past block_size."""
+    m = make(6).cuda()
+    chars = ''.join(chr(33 + i) for i in range(90))
+    e = Engine(m, {'kind': 'char', 'chars': chars}, max_batch=2, cuda_graphs=graphs)
+    for prompt in ([3, 4, 5], list(range(10, 30))):
+        e.add_request(prompt, SamplingParams(max_tokens=40, temperature=0))
+    e.step()
+    e.step()  # one prompt a step into the ring
+    for _ in range(36):
+        contexts = [list(r.context) for r in e.active]
+        logits = e.decode_step()
+        with torch.no_grad(), e.uncached():
+            for ctx, lg in zip(contexts, logits):
+                ref = m(torch.tensor([ctx], device='cuda'))[0][0, -1, :90]
+                torch.testing.assert_close(lg, ref, atol=2e-4, rtol=2e-4)
+        e.emit(list(e.active), logits.argmax(-1), logits)
+    assert max(len(r.context) for r in e.active) > 24
