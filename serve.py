@@ -124,22 +124,40 @@ class Batcher:
         self.metrics.slots_total.set(engine.max_batch)
         self.engine = engine
         while True:
-            try:  # sleep while idle; between steps, take whatever has arrived
-                work = self.inbox.get(block=not engine.has_work())
-                while work is not None:
-                    fn, future = work
-                    try:
-                        future.set_result(fn(engine))
-                    except Exception as e:
-                        future.set_exception(e)
-                    work = self.inbox.get_nowait()
-                return  # None: stop
-            except queue.Empty:
-                pass
-            for r in engine.step():
-                self.deliver(r)
+            for work in self.arrivals(wait=not engine.has_work()):
+                if work is None:
+                    return
+                fn, future = work
+                try:
+                    future.set_result(fn(engine))
+                except Exception as e:
+                    future.set_exception(e)
+            if engine.has_work():
+                self.step(engine)
             self.metrics.running.set(engine.running)
+            self.metrics.slots_used.set(engine.running)  # one cache slot per running sequence
             self.metrics.waiting.set(len(self.listeners) - engine.running)
+
+    def arrivals(self, wait):
+        """Everything in the inbox now; when idle, wait for the first."""
+        items = [self.inbox.get()] if wait else []
+        while True:
+            try:
+                items.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return items
+
+    def step(self, engine):
+        try:
+            changed = engine.step()
+        except Exception as e:  # a bug or out of memory: end these requests, go on serving
+            print(f"serve.py: error: engine step failed ({type(e).__name__}: {e}); "
+                  f"aborting {len(self.listeners)} requests", file=sys.stderr)
+            changed = list(self.listeners)
+            for r in changed:
+                engine.abort(r)
+        for r in changed:
+            self.deliver(r)
 
     def deliver(self, r):
         loop, updates, index = self.listeners.pop(r) if r.done else self.listeners[r]
@@ -200,9 +218,7 @@ class Metrics:
         self.running = Gauge('serve_requests_running', 'sequences in the decode batch', registry=r)
         self.waiting = Gauge('serve_requests_waiting', 'sequences waiting for a cache slot', registry=r)
         self.slots_total = Gauge('serve_cache_slots_total', 'cache slots (max_batch)', registry=r)
-        # one slot per running sequence: the same number, under the name operators look for
         self.slots_used = Gauge('serve_cache_slots_used', 'cache slots holding a sequence', registry=r)
-        self.slots_used.set_function(lambda: self.running._value.get())
 
 
 # -----------------------------------------------------------------------------
@@ -288,7 +304,6 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
     app = FastAPI(title='nanoGPT serve', lifespan=lifespan, description=__doc__, docs_url=None, redoc_url=None)
     app.mount('/docs-static', StaticFiles(directory=os.path.join(os.path.dirname(swagger_ui.__file__), 'static')))
     api = APIRouter(dependencies=[Depends(check_key)])  # the model's endpoints; /health and /metrics are open
-    app.state.batcher, app.state.metrics = batcher, metrics
 
     @app.exception_handler(ApiError)
     async def api_error(request, e):
@@ -459,13 +474,13 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
             return sse(chunks())
 
         final = {u.index: u async for u in updates if u.finish_reason}
-        scores = await batcher.call(lambda e: e.score(seqs)) if body.echo and body.logprobs is not None else None
+        scores = await batcher.call(lambda e: e.score(prompts)) if body.echo and body.logprobs is not None else None
         choices = []
         for i, u in sorted(final.items()):
             logprobs = None
             if body.logprobs is not None:
                 echoed = seqs[i] if body.echo else []
-                logprobs = token_logprobs(echoed, u.tokens, scores[i] if scores else [], u.logprobs,
+                logprobs = token_logprobs(echoed, u.tokens, scores[i // body.n] if scores else [], u.logprobs,
                                           0 if body.echo else len(texts[i]))
             choices.append({'index': i, 'text': texts[i] + u.text, 'logprobs': logprobs, 'finish_reason': u.finish_reason})
         return {**chunk(choices), 'usage': usage(prompts, sum(len(u.tokens) for u in final.values()))}
@@ -546,10 +561,7 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
 
     @app.get('/health')
     async def health():
-        if batcher.engine is None:
-            return error_response(503, f"not ready{f': {batcher.error}' if batcher.error else ''}",
-                                  type='server_error', code='model_not_ready')
-        return {'status': 'ok', 'running': batcher.engine.running}
+        return {'status': 'ok', 'running': engine().running}
 
     @app.get('/docs', include_in_schema=False)
     async def docs():
