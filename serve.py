@@ -18,6 +18,7 @@ engine.score); top_logprobs lists only the token itself, as the engine does not 
 """
 import asyncio
 import base64
+import json
 import os
 import queue
 import secrets
@@ -389,9 +390,11 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
         updates = asyncio.Queue()
         try:
             requests = await batcher.start_sequences([prompts[i] for i in live], [params[i] for i in live], updates)
-        except ValueError as e:
+        except Exception as e:
             outstanding -= len(live)
-            raise ApiError(400, f"prompt: {e}", param='prompt') from None
+            if isinstance(e, ValueError):
+                raise ApiError(400, f"prompt: {e}", param='prompt') from None
+            raise
         metrics.prompt_tokens.inc(sum(map(len, prompts)))
         return follow(len(prompts), live, requests, updates, arrival)
 
@@ -427,7 +430,7 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
     def sse(chunks):
         async def events():
             async for chunk in chunks:
-                yield f"data: {JSONResponse(chunk).body.decode()}\n\n"
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type='text/event-stream')
 
@@ -435,11 +438,11 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
         n_prompt = sum(map(len, prompts))
         return {'prompt_tokens': n_prompt, 'completion_tokens': n_generated, 'total_tokens': n_prompt + n_generated}
 
-    def token_logprobs(prompt, generated, scores, logprobs, offset0):
+    def token_logprobs(prompt, generated, scores, logprobs):
         """OpenAI's logprobs object for prompt (echoed, or [] if not) followed by generated."""
         ids, values = prompt + generated, ([None] + scores if prompt else []) + logprobs
         tokens = [engine().decode([t]) for t in ids]
-        offsets = [offset0]
+        offsets = [0]  # into the choice's text
         for t in tokens[:-1]:
             offsets.append(offsets[-1] + len(t))
         return {'tokens': tokens, 'token_logprobs': values, 'text_offset': offsets[:len(tokens)],
@@ -464,10 +467,10 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
 
         if body.stream:
             async def chunks():
-                sent = [0] * len(seqs)
+                sent = [None] * len(seqs)  # None: nothing yet, the echoed prompt goes first
                 async for u in updates:
-                    delta = u.text[sent[u.index]:]
-                    if sent[u.index] == 0 and body.echo:
+                    delta = u.text[sent[u.index] or 0:]
+                    if sent[u.index] is None:
                         delta = texts[u.index] + delta
                     sent[u.index] = len(u.text)
                     yield chunk([{'index': u.index, 'text': delta, 'logprobs': None, 'finish_reason': u.finish_reason}])
@@ -480,8 +483,7 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
             logprobs = None
             if body.logprobs is not None:
                 echoed = seqs[i] if body.echo else []
-                logprobs = token_logprobs(echoed, u.tokens, scores[i // body.n] if scores else [], u.logprobs,
-                                          0 if body.echo else len(texts[i]))
+                logprobs = token_logprobs(echoed, u.tokens, scores[i // body.n] if scores else [], u.logprobs)
             choices.append({'index': i, 'text': texts[i] + u.text, 'logprobs': logprobs, 'finish_reason': u.finish_reason})
         return {**chunk(choices), 'usage': usage(prompts, sum(len(u.tokens) for u in final.values()))}
 

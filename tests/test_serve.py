@@ -113,6 +113,11 @@ def test_openai_completions_chat_and_stream(server, reference):
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (6, 12)
     streamed = client.completions.create(model='tiny', prompt='ROMEO:', max_tokens=12, temperature=0, stream=True)
     assert ''.join(c.choices[0].text for c in streamed) == alone.text
+    texts = ['', '']  # two greedy choices streamed side by side, each with the echoed prompt first
+    for c in client.completions.create(model='tiny', prompt='ROMEO:', max_tokens=12, temperature=0, n=2,
+                                       echo=True, stream=True):
+        texts[c.choices[0].index] += c.choices[0].text
+    assert texts == ['ROMEO:' + alone.text] * 2
     # several prompts, n choices each, seeded: choice i of a prompt draws with seed + i
     many = client.completions.create(model='tiny', prompt=['ab', 'cd'], max_tokens=5, n=2, seed=7)
     assert [c.index for c in many.choices] == [0, 1, 2, 3] and many.usage.completion_tokens == 20
@@ -153,6 +158,9 @@ def test_echo_logprobs_are_the_engines_scores(server, reference):
     assert lp['token_logprobs'][1:-1] == pytest.approx(reference.score([ids])[0], abs=1e-5)
     assert ''.join(lp['tokens']) == choice['text'] and choice['text'].startswith('To be, or not')
     assert lp['text_offset'][:3] == [0, 1, 2]
+    body['max_tokens'] = 0  # scoring only: no token generated
+    choice = httpx.post(f'{server.url}/v1/completions', json=body).json()['choices'][0]
+    assert choice['text'] == 'To be, or not' and choice['logprobs']['token_logprobs'][1:] == lp['token_logprobs'][1:-1]
 
 
 # every error case: an OpenAI-style body, a 4xx, and the server goes on
