@@ -32,6 +32,7 @@ from typing import Literal
 
 import swagger_ui
 import torch
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -41,7 +42,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from engine import SamplingParams
+from checkpoint import CheckpointError, load_model
+from engine import Engine, SamplingParams
+from flags import check_flags, in_range, non_negative, one_of, positive
 from prepare import END, chat_template
 
 # -----------------------------------------------------------------------------
@@ -59,6 +62,7 @@ model_name = ''            # the id /v1/models reports; '' = out_dir's name
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
 cuda_graphs = True         # capture the decode step on CUDA
+speculative = True         # draft with the MTP module where the checkpoint has one
 # -----------------------------------------------------------------------------
 
 
@@ -583,12 +587,6 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
 
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    import uvicorn
-
-    from checkpoint import CheckpointError, load_model
-    from engine import Engine
-    from flags import check_flags, in_range, non_negative, one_of, positive
-
     check_flags('serve.py', globals(), {
         'ckpt': one_of('latest', 'best'),
         'port': in_range(1, 65535),
@@ -602,7 +600,8 @@ if __name__ == '__main__':
         raise SystemExit(f"serve.py: error: {e}")
 
     def load():
-        return Engine(model, checkpoint['tokenizer'], max_batch=max_batch, cuda_graphs=cuda_graphs and 'cuda' in device)
+        return Engine(model, checkpoint['tokenizer'], max_batch=max_batch, cuda_graphs=cuda_graphs and 'cuda' in device,
+                      speculative=speculative and model.mtp is not None)
 
     name = model_name or os.path.basename(os.path.abspath(out_dir))
     app = make_app(load, name, Limits(max_batch, max_queue, max_prompt_tokens, max_tokens, max_n), api_key)
