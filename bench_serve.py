@@ -57,6 +57,7 @@ def percentile(values, q):
 async def run(n_clients):
     headers = {'Authorization': f'Bearer {api_key}'} if api_key else None
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=n_clients)) as client:
+        await stream_completion(client, prompt, 2, headers)  # warm-up: the first forward passes are slow
         t0 = time.perf_counter()
         streams = await asyncio.gather(*(stream_completion(client, prompt + ' ' * i, max_tokens, headers)
                                          for i in range(n_clients)))

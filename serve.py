@@ -57,7 +57,7 @@ max_queue = 256            # sequences waiting for a slot; past that, 429
 max_prompt_tokens = 2048
 max_tokens = 1024          # the most a request may ask to generate
 max_n = 8                  # the most choices per prompt
-api_key = ''               # when set, every /v1 call needs 'Authorization: Bearer <api_key>'
+api_key = ''               # when set, all but /health, /metrics, /docs need 'Authorization: Bearer <api_key>'
 model_name = ''            # the id /v1/models reports; '' = out_dir's name
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
