@@ -307,6 +307,31 @@ def tokenize(corpus, encode, eot, args):
     rows = lambda d: (ids for b in d.iter(batch_size=1000) for ids in b['ids'])  # streamed, never all in memory
     return {'train': rows(ds.select(range(n_train))), 'val': rows(ds.select(range(n_train, len(ds))))}
 
+# -----------------------------------------------------------------------------
+# instruction data: one chat template, a loss mask beside the shards
+
+END = '<|end|>'
+
+def chat_segments(messages):
+    """[(text, carries_loss)] of a conversation: each message is '<|role|>\n' + content + END + '\n',
+    and only the assistant's content and its END carry loss (the model learns to answer and stop)."""
+    segments = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get('role') not in ('system', 'user', 'assistant') \
+                or not isinstance(m.get('content'), str):
+            raise ValueError(f"message {i}: expected {{'role': system|user|assistant, 'content': str}}, got {m!r}")
+        assistant = m['role'] == 'assistant'
+        segments += [(f"<|{m['role']}|>\n", False), (m['content'] + END, assistant), ('\n', False)]
+    return segments
+
+def chat_template(messages):
+    """The one chat template, for training data and the server's chat endpoint alike. A
+    conversation that does not end with the assistant ends with its header, '<|assistant|>\n', so
+    the model continues with the answer (and stops after END). Example:
+        [{'role': 'user', 'content': 'hi'}] -> '<|user|>\nhi<|end|>\n<|assistant|>\n'"""
+    text = ''.join(t for t, _ in chat_segments(messages))
+    return text if messages and messages[-1]['role'] == 'assistant' else text + '<|assistant|>\n'
+
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
     ap.add_argument('name', help='dataset name; output goes to OUT_DIR/NAME')
