@@ -1,0 +1,499 @@
+"""
+Evaluates a checkpoint: perplexity and bits per byte over a whole split, multiple-choice accuracy,
+parameters, throughput, peak memory and expert load, printed as a table and written to metrics.json.
+$ python eval.py --out_dir=out-shakespeare-char --ckpt=best
+$ python eval.py --out_dir=out-shakespeare --stride=128 --mc=hellaswag_val.jsonl --out=shakespeare.json
+$ python eval.py --out_dir=out-shakespeare --lm_eval_tasks=hellaswag,arc_easy   # lm-evaluation-harness
+
+Scoring. The split (data/DATASET/SPLIT_*.bin, DATASET from the checkpoint's training config unless
+--dataset is given) is read as one token stream. Every token but the first (it has no context) is
+scored exactly once: by default in non-overlapping windows of block_size tokens; with --stride=S,
+windows of block_size tokens advance by S and each scores only its last S tokens, so every token
+after the first window sees at least block_size - S tokens of context (slower, lower loss).
+ce is the mean cross-entropy in nats over the scored tokens, ppl = exp(ce), and bits per byte
+bpb = (ce summed over the scored tokens) / (UTF-8 bytes of their text) / ln 2, which compares models
+with different tokenizers (GPT-2's <|endoftext|> marks a document boundary and counts 0 bytes).
+
+Multiple choice (--mc=PATH, llm.c's HellaSwag style): a JSONL file, one item per line,
+    {"ctx": "A man is sitting on a roof. he", "endings": ["starts pulling up roofing.", ...], "label": 0}
+(HellaSwag's own validation jsonl has these fields). Each ending is scored as " " + ending after
+ctx: acc picks the ending with the lowest summed loss, acc_norm the lowest mean loss per token.
+
+lm-evaluation-harness: importing this file registers the model 'nanodeepseek' (loglikelihood,
+loglikelihood_rolling, generate_until on the scoring functions below), so --lm_eval_tasks runs
+lm_eval's tasks (--lm_eval_include: a folder of your own task YAMLs), and from Python
+    import eval, lm_eval; lm_eval.simple_evaluate(model='nanodeepseek', model_args='out_dir=out', tasks=[...])
+
+metrics.json (written atomically):
+    checkpoint     {"path", "iter"}: the file evaluated and its training iteration (null if unknown)
+    model_config   the checkpoint's model_args (ModelConfig fields)
+    dataset, split, tokenizer   what was scored ("char" or "gpt2")
+    scoring        {"block_size", "stride", "windows", "split_tokens", "tokens_scored", "bytes_scored"}
+    ce, ppl, bpb   nats per token, exp(ce), bits per UTF-8 byte
+    params         {"total", "active"}: model.num_params(), active counts k of E routed experts
+    throughput     {"prefill_tokens_per_s", "decode_tokens_per_s", "decode_batch", "decode_tokens"}:
+                   prefill = forward passes over batch_size full windows; decode = greedy
+                   engine.Engine.generate of decode_tokens tokens for decode_batch prompts of
+                   block_size // 2 tokens (null when skipped, "decode_note" says why)
+    memory         {"peak_mib", "kind"}: torch.cuda.max_memory_allocated on CUDA, else the process's max RSS
+    expert_load    one entry per MoE layer, over every token the scoring windows read (with --stride a
+                   context token counts again in each window): {"layer", "tokens" (token copies per
+                   expert), "max_over_mean", "entropy_bits", "max_entropy_bits", "unused" (experts with none)}
+    mc             {"path", "items", "acc", "acc_norm"} or null
+    lm_eval        lm_eval's results per task, or null
+    device         {"device", "dtype", "name", "torch"}
+    seconds        wall time of the whole evaluation
+"""
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from checkpoint import CheckpointError, load_model
+from flags import check_flags, non_negative, one_of, positive, usage_error
+from prepare import EOT, get_tokenizer, gpt2_encoding, read_shard, vocab_size_of
+
+try:  # lm-evaluation-harness is optional: only the adapter needs it
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError:
+    LM = None
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'
+ckpt = 'latest'          # 'latest' (ckpt.pt) or 'best' (best.pt)
+dataset = ''             # '' = the dataset the checkpoint was trained on
+split = 'val'
+stride = 0               # 0 = non-overlapping block_size windows; S = sliding windows scoring S tokens each
+batch_size = 8
+out = 'metrics.json'
+mc = ''                  # multiple-choice JSONL: {"ctx", "endings", "label"} per line
+bench_iters = 3          # timed prefill passes; 0 = no throughput measurement
+decode_tokens = 64       # greedy tokens per prompt for decode throughput; 0 = skip
+lm_eval_tasks = ''       # comma-separated lm-evaluation-harness tasks
+lm_eval_include = ''     # a folder of task YAMLs for lm_eval
+lm_eval_limit = 0        # items per lm_eval task; 0 = all
+device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
+if __name__ == '__main__':  # importing this file (tests, lm_eval) must not parse the command line
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def fail(msg):
+    raise SystemExit(f"eval.py: error: {msg}")
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def read_split(data_dir, split_name):
+    """All shards of a split as one token stream (2 bytes a token in memory)."""
+    paths = sorted(os.path.join(data_dir, n) for n in os.listdir(data_dir)
+                   if n.startswith(split_name + '_') and n.endswith('.bin'))
+    if not paths:
+        raise ValueError(f"no {split_name} shards in {data_dir}: run `python prepare.py {os.path.basename(data_dir)}`")
+    return np.concatenate([read_shard(p) for p in paths])
+
+
+def load_dataset(data_dir, tokenizer, split_name):
+    """The split's tokens, after checking that the dataset was tokenized like the checkpoint."""
+    meta_path = os.path.join(data_dir, 'meta.json')
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"no dataset at {data_dir}: run `python prepare.py {os.path.basename(data_dir)}` first")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from None
+    if meta.get('tokenizer') != tokenizer:
+        raise ValueError(f"{data_dir} was tokenized with {describe(meta.get('tokenizer'))}, the checkpoint "
+                         f"with {describe(tokenizer)}: pass the checkpoint's --dataset")
+    tokens = read_split(data_dir, split_name)
+    if len(tokens) < 2:
+        raise ValueError(f"{data_dir} {split_name}: {len(tokens)} token(s), nothing to score")
+    if tokens.max() >= vocab_size_of(tokenizer):
+        raise ValueError(f"{data_dir} {split_name}: token id {tokens.max()} is outside the vocabulary")
+    return tokens
+
+
+def describe(tokenizer):
+    return f"a {tokenizer['kind']} tokenizer" if isinstance(tokenizer, dict) and 'kind' in tokenizer else 'an unknown tokenizer'
+
+
+def token_bytes(tokenizer):
+    """UTF-8 bytes of each token id's text: a token count weighted by it is the text's length in bytes."""
+    if tokenizer['kind'] == 'char':
+        return np.array([len(c.encode('utf-8')) for c in tokenizer['chars']])
+    enc = gpt2_encoding()  # byte-level BPE: a token may hold part of a character, so count its bytes
+    return np.array([0 if i == EOT else len(enc.decode_single_token_bytes(i)) for i in range(vocab_size_of(tokenizer))])
+
+
+def read_mc(path):
+    """Multiple-choice items from a JSONL file; a malformed line is a one-line error naming it."""
+    items = []
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                ok = (isinstance(item.get('ctx'), str) and isinstance(item.get('endings'), list) and item['endings']
+                      and all(isinstance(e, str) for e in item['endings'])
+                      and type(item.get('label')) is int and 0 <= item['label'] < len(item['endings']))
+            except (json.JSONDecodeError, AttributeError):
+                ok = False
+            if not ok:
+                raise ValueError(f"{path}:{n}: expected {{\"ctx\": str, \"endings\": [str, ...], \"label\": int index into endings}}")
+            items.append(item)
+    if not items:
+        raise ValueError(f"{path}: no items")
+    return items
+
+
+# -----------------------------------------------------------------------------
+# scoring: every figure below comes from score_batch
+
+def windows(n_tokens, block_size, stride):
+    """(start, end, n_scored) per window: the model reads tokens[start:end] and the last n_scored of
+    its predictions, for tokens[end - n_scored + 1 : end + 1], are scored. Tokens 1..n_tokens-1 are
+    each scored exactly once. stride 0: windows side by side, each scoring all it reads; stride S:
+    after the first window, each reads a full block (as far as there is one) and scores its last S."""
+    if n_tokens < 2:
+        return []
+    end = min(block_size, n_tokens - 1)
+    out = [(0, end, end)]
+    while end < n_tokens - 1:
+        new_end = min(end + (stride or block_size), n_tokens - 1)
+        out.append((max(0, new_end - block_size) if stride else end, new_end, new_end - end))
+        end = new_end
+    return out
+
+
+@torch.no_grad()
+def score_batch(model, seqs, n_scored, device):
+    """Sequences of at most block_size + 1 tokens -> per sequence, the log-probabilities of its last
+    n_scored tokens given everything before them, whether each was the model's top choice, and the
+    expert load [n_moe_layers, E] of the batch (None for a dense model). Shorter sequences are padded
+    on the right, which the causal model's earlier positions never see."""
+    T = max(map(len, seqs)) - 1
+    x = torch.zeros(len(seqs), T, dtype=torch.long)
+    y = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for i, (seq, n) in enumerate(zip(seqs, n_scored)):
+        seq = torch.as_tensor(np.asarray(seq, dtype=np.int64))
+        x[i, :len(seq) - 1] = seq[:-1]
+        y[i, len(seq) - 1 - n:len(seq) - 1] = seq[len(seq) - n:]
+    x, y = x.to(device), y.to(device)
+    logits, _, stats = model(x, targets=y)
+    logprobs = -F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction='none')
+    greedy = logits.argmax(-1) == y
+    logprobs, greedy = logprobs.double().cpu().numpy(), greedy.cpu().numpy()
+    rows = [(logprobs[i, len(s) - 1 - n:len(s) - 1], greedy[i, len(s) - 1 - n:len(s) - 1])
+            for i, (s, n) in enumerate(zip(seqs, n_scored))]
+    return rows, stats['load']
+
+
+def score_tokens(model, tokens, stride, batch_size, device):
+    """Sum of log-probabilities of tokens[1:] in the windows above -> (logprob sum, tokens scored,
+    windows, expert load summed over the windows or None). A batch holds windows of one length, so
+    no padding token is counted in the load."""
+    plan = windows(len(tokens), model.cfg.block_size, stride)
+    total, scored, load = 0.0, 0, None
+    i = 0
+    while i < len(plan):
+        batch = [plan[i]]
+        while len(batch) < batch_size and i + len(batch) < len(plan) and \
+                plan[i + len(batch)][1] - plan[i + len(batch)][0] == plan[i][1] - plan[i][0]:
+            batch.append(plan[i + len(batch)])
+        rows, batch_load = score_batch(model, [tokens[s:e + 1] for s, e, _ in batch], [n for _, _, n in batch], device)
+        total += sum(float(lp.sum()) for lp, _ in rows)
+        scored += sum(len(lp) for lp, _ in rows)
+        if batch_load is not None:
+            load = batch_load.double().cpu() + (0 if load is None else load)
+        i += len(batch)
+    return total, scored, len(plan), load
+
+
+def score_continuations(model, pairs, batch_size, device):
+    """(context ids, continuation ids) pairs -> per pair (log-probabilities of the continuation's tokens,
+    whether each was the top choice). A long context keeps its last tokens; a context must be given."""
+    block = model.cfg.block_size
+    for ctx, cont in pairs:
+        if not ctx or not 0 < len(cont) <= block:
+            raise ValueError(f"cannot score a continuation of {len(cont)} tokens after {len(ctx)} context tokens "
+                             f"(need a context and 1..{block} continuation tokens)")
+    seqs = [(ctx + cont)[-(block + 1):] for ctx, cont in pairs]
+    rows = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = range(i, min(i + batch_size, len(pairs)))
+        rows += score_batch(model, [seqs[j] for j in chunk], [len(pairs[j][1]) for j in chunk], device)[0]
+    return rows
+
+
+def loglikelihood(logprobs):
+    """The one sum behind acc, so that the MC scorer and the lm_eval adapter agree to the bit."""
+    return float(np.sum(logprobs))
+
+
+def multiple_choice(model, encode, items, batch_size, device):
+    """llm.c's HellaSwag scoring -> {'items', 'acc', 'acc_norm', 'predictions'}: acc from the summed
+    log-likelihood of each ending, acc_norm from its mean per token."""
+    pairs = [(encode(it['ctx']), encode(' ' + e)) for it in items for e in it['endings']]
+    rows = iter(score_continuations(model, pairs, batch_size, device))
+    correct = correct_norm = 0
+    predictions = []
+    for it in items:
+        scores = [next(rows)[0] for _ in it['endings']]
+        pred = int(np.argmax([loglikelihood(lp) for lp in scores]))
+        pred_norm = int(np.argmax([loglikelihood(lp) / len(lp) for lp in scores]))
+        correct += pred == it['label']
+        correct_norm += pred_norm == it['label']
+        predictions.append(pred)
+    return {'items': len(items), 'acc': correct / len(items), 'acc_norm': correct_norm / len(items),
+            'predictions': predictions}
+
+
+# -----------------------------------------------------------------------------
+# the other figures
+
+def expert_load(model, load):
+    """Per MoE layer: token copies per expert over the split, and how evenly they spread."""
+    layers = [i for i in range(model.cfg.n_layer) if model.cfg.is_moe_layer(i)]
+    if load is None:
+        return []
+    rows = []
+    for layer, counts in zip(layers, load.tolist()):
+        counts = np.array(counts)
+        p = counts / counts.sum()
+        rows.append({'layer': layer, 'tokens': [int(c) for c in counts],
+                     'max_over_mean': float(counts.max() / counts.mean()),
+                     'entropy_bits': float(-(p[p > 0] * np.log2(p[p > 0])).sum()),
+                     'max_entropy_bits': math.log2(len(counts)),
+                     'unused': [e for e, c in enumerate(counts) if c == 0]})
+    return rows
+
+
+def sync(device):
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def prefill_throughput(model, tokens, batch_size, iters, device):
+    """Tokens/s of forward passes over batch_size windows of block_size tokens (one warm-up pass)."""
+    T = min(model.cfg.block_size, len(tokens))
+    n = max(1, min(batch_size, len(tokens) // T))
+    x = torch.from_numpy(tokens[:n * T].astype(np.int64)).view(n, T).to(device)
+    model(x)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        model(x)
+    sync(device)
+    return n * T * iters / (time.perf_counter() - t0)
+
+
+def decode_throughput(engine_cls, params_cls, model, tokenizer, tokens, batch_size, max_tokens, device):
+    """Generated tokens/s of greedy Engine.generate over batch_size prompts of block_size // 2 tokens
+    from the split (a short warm-up generation first)."""
+    engine = engine_cls(model, tokenizer, max_batch=batch_size, device=device)
+    L = max(1, min(model.cfg.block_size // 2, len(tokens) // batch_size))
+    prompts = [tokens[i * L:(i + 1) * L].tolist() for i in range(batch_size)]
+    engine.generate(prompts, params_cls(max_tokens=2, temperature=0))
+    sync(device)
+    t0 = time.perf_counter()
+    done = engine.generate(prompts, params_cls(max_tokens=max_tokens, temperature=0))
+    sync(device)
+    return sum(len(r.tokens) for r in done) / (time.perf_counter() - t0)
+
+
+def peak_memory(device):
+    if torch.device(device).type == 'cuda':
+        return {'peak_mib': torch.cuda.max_memory_allocated(device) / 2**20, 'kind': 'cuda_max_memory_allocated'}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {'peak_mib': rss / (2**20 if sys.platform == 'darwin' else 2**10), 'kind': 'max_rss'}
+
+
+def device_info(device, dtype_name):
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == 'cuda' else platform.processor() or platform.machine()
+    return {'device': device, 'dtype': dtype_name, 'name': name, 'torch': torch.__version__}
+
+
+def write_json(obj, path):
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def print_table(m):
+    rows = [('checkpoint', f"{m['checkpoint']['path']} (iter {m['checkpoint']['iter']})"),
+            ('data', f"{m['dataset']} {m['split']}: {m['scoring']['tokens_scored']:,} tokens scored "
+                     f"in {m['scoring']['windows']:,} windows (stride {m['scoring']['stride'] or 'none'})"),
+            ('cross-entropy', f"{m['ce']:.4f} nats/token"), ('perplexity', f"{m['ppl']:.4f}"),
+            ('bits per byte', f"{m['bpb']:.4f}"),
+            ('params', f"{m['params']['total']:,} total, {m['params']['active']:,} active")]
+    thr = m['throughput']
+    if thr['prefill_tokens_per_s'] is not None:
+        rows.append(('prefill', f"{thr['prefill_tokens_per_s']:,.0f} tokens/s"))
+    rows.append(('decode', f"{thr['decode_tokens_per_s']:,.0f} tokens/s (batch {thr['decode_batch']})"
+                 if thr['decode_tokens_per_s'] is not None else thr['decode_note']))
+    rows.append(('peak memory', f"{m['memory']['peak_mib']:,.0f} MiB ({m['memory']['kind']})"))
+    for r in m['expert_load']:
+        rows.append((f"experts, layer {r['layer']}", f"max/mean {r['max_over_mean']:.2f}, entropy "
+                     f"{r['entropy_bits']:.2f} of {r['max_entropy_bits']:.2f} bits, unused {r['unused'] or 'none'}"))
+    if m['mc']:
+        rows.append(('multiple choice', f"acc {m['mc']['acc']:.4f}, acc_norm {m['mc']['acc_norm']:.4f} "
+                     f"({m['mc']['items']} items)"))
+    for task, res in (m['lm_eval'] or {}).items():
+        rows.append((f"lm_eval {task}", ', '.join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float))))
+    rows.append(('device', f"{m['device']['name']} ({m['device']['device']}, {m['device']['dtype']})"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+# -----------------------------------------------------------------------------
+# lm-evaluation-harness
+
+if LM is not None:
+    @register_model('nanodeepseek')
+    class NanoDeepSeekLM(LM):
+        """lm_eval's three request types on eval.py's scorer. model_args: out_dir, ckpt, dtype;
+        lm_eval's own --device and --batch_size apply."""
+        def __init__(self, out_dir='out', ckpt='latest', device=device, dtype=dtype, batch_size=batch_size,
+                     max_batch_size=None, loaded=None):
+            super().__init__()
+            self.model, checkpoint = loaded or load_model(out_dir, ckpt, device, DTYPES[dtype])
+            self.tokenizer = checkpoint['tokenizer']
+            self.encode, self.decode = get_tokenizer(self.tokenizer)
+            self.prefix = [EOT] if self.tokenizer['kind'] == 'gpt2' else []  # the context of an empty context
+            self._device = device
+            self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # 'auto' -> 8
+
+        def pair(self, ctx, cont):
+            """Context and continuation encoded apart, as the MC scorer does. An empty context is the
+            prefix token; without one (char tokenizer) the continuation's first token is context only."""
+            ctx_ids, cont_ids = self.encode(ctx) or self.prefix, self.encode(cont)
+            return (ctx_ids, cont_ids) if ctx_ids else (cont_ids[:1], cont_ids[1:])
+
+        def loglikelihood(self, requests):
+            pairs = [self.pair(*r.args) for r in requests]
+            rows = score_continuations(self.model, pairs, self.batch_size, self._device)
+            return [(loglikelihood(lp), bool(greedy.all())) for lp, greedy in rows]
+
+        def loglikelihood_rolling(self, requests):
+            """Each text's tokens in block_size windows, every one scored once (without a prefix
+            token, as for the char tokenizer, the first one is context only)."""
+            return [score_tokens(self.model, np.array(self.prefix + self.encode(text)), 0,
+                                 self.batch_size, self._device)[0] for (text,) in (r.args for r in requests)]
+
+        def generate_until(self, requests):
+            """Greedy continuations, cut before the first stop string."""
+            out = []
+            for ctx, kwargs in (r.args for r in requests):
+                until = kwargs.get('until') or []
+                until = [until] if isinstance(until, str) else until
+                idx = torch.tensor([self.prefix + self.encode(ctx)], device=self._device)
+                ids = self.model.generate(idx, kwargs.get('max_gen_toks', 256), temperature=0,
+                                          n_vocab=vocab_size_of(self.tokenizer))[0, idx.size(1):]
+                text = self.decode(ids.tolist())
+                out.append(text[:min([text.find(s) for s in until if s in text], default=len(text))])
+            return out
+
+
+def run_lm_eval(model, checkpoint, tasks, include, limit, batch, device, dtype_name):
+    if LM is None:
+        raise ValueError("--lm_eval_tasks needs lm-evaluation-harness: pip install lm-eval==0.4.13")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    lm = NanoDeepSeekLM(device=device, dtype=dtype_name, batch_size=batch, loaded=(model, checkpoint))
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks.split(','), limit=limit or None,
+                                      task_manager=TaskManager(include_path=include or None))
+    return {task: {k: v for k, v in res.items() if isinstance(v, (int, float))} for task, res in results['results'].items()}
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    t_start = time.time()
+    check_flags('eval.py', globals(), {
+        'ckpt': one_of('latest', 'best'), 'split': one_of('train', 'val'), 'stride': non_negative,
+        'batch_size': positive, 'bench_iters': non_negative, 'decode_tokens': non_negative,
+        'lm_eval_limit': non_negative, 'dtype': one_of(*DTYPES),
+    })
+    if torch.device(device).type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        model, checkpoint = load_model(out_dir, ckpt, device, DTYPES[dtype])
+        encode, _ = get_tokenizer(checkpoint['tokenizer'])
+        name = dataset or checkpoint.get('config', {}).get('dataset')
+        if not name:
+            fail("the checkpoint does not name its dataset: pass --dataset")
+        if stride > model.cfg.block_size:
+            usage_error('eval.py', f"--stride={stride}: must be <= the model's block_size {model.cfg.block_size}")
+        tokens = load_dataset(os.path.join('data', name), checkpoint['tokenizer'], split)
+        items = read_mc(mc) if mc else None
+    except (CheckpointError, ValueError, OSError) as e:
+        fail(e)
+    print(f"scoring {len(tokens) - 1:,} of the {len(tokens):,} tokens of {name} {split} "
+          f"(the first has no context and is not scored)")
+
+    logprob, scored, n_windows, load = score_tokens(model, tokens, stride, batch_size, device)
+    n_bytes = int(np.bincount(tokens[1:], minlength=vocab_size_of(checkpoint['tokenizer'])) @ token_bytes(checkpoint['tokenizer']))
+    ce = -logprob / scored
+    try:
+        mc_result = multiple_choice(model, encode, items, batch_size, device) if items else None
+        lm_eval_result = run_lm_eval(model, checkpoint, lm_eval_tasks, lm_eval_include, lm_eval_limit, batch_size,
+                                     device, dtype) if lm_eval_tasks else None
+    except ValueError as e:
+        fail(e)
+
+    throughput = {'prefill_tokens_per_s': None, 'decode_tokens_per_s': None, 'decode_batch': batch_size,
+                  'decode_tokens': decode_tokens}
+    if bench_iters:
+        throughput['prefill_tokens_per_s'] = prefill_throughput(model, tokens, batch_size, bench_iters, device)
+    try:
+        from engine import Engine, SamplingParams
+    except ImportError:
+        throughput['decode_note'] = 'decode not measured: no engine.py'
+    else:
+        if decode_tokens:
+            throughput['decode_tokens_per_s'] = decode_throughput(Engine, SamplingParams, model, checkpoint['tokenizer'],
+                                                                  tokens, batch_size, decode_tokens, device)
+        else:
+            throughput['decode_note'] = 'decode not measured: --decode_tokens=0'
+
+    metrics = {
+        'checkpoint': {'path': checkpoint['path'], 'iter': checkpoint.get('iter_num')},
+        'model_config': checkpoint['model_args'],
+        'dataset': name, 'split': split, 'tokenizer': checkpoint['tokenizer']['kind'],
+        'scoring': {'block_size': model.cfg.block_size, 'stride': stride, 'windows': n_windows,
+                    'split_tokens': len(tokens), 'tokens_scored': scored, 'bytes_scored': n_bytes},
+        'ce': ce, 'ppl': math.exp(ce), 'bpb': -logprob / n_bytes / math.log(2),
+        'params': {'total': model.num_params(), 'active': model.num_params(active=True)},
+        'throughput': throughput,
+        'memory': peak_memory(device),
+        'expert_load': expert_load(model, load),
+        'mc': mc_result and {'path': mc, **{k: v for k, v in mc_result.items() if k != 'predictions'}},
+        'lm_eval': lm_eval_result,
+        'device': device_info(device, dtype),
+        'seconds': time.time() - t_start,
+    }
+    print_table(metrics)
+    if out:
+        write_json(metrics, out)
+        print(f"wrote {out}")
+
+
+if __name__ == '__main__':
+    main()

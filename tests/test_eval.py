@@ -1,0 +1,245 @@
+"""eval.py on CPU with tiny random-init checkpoints: perplexity against the model's own loss, every
+token scored once, bits per byte by hand, multiple choice on a model built to know the answer, the
+lm-evaluation-harness adapter against the same scorer, and the one-line errors."""
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from checkpoint import save_checkpoint  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+from prepare import get_tokenizer, gpt2_encoding, write_shard  # noqa: E402
+
+ev = importlib.import_module('eval')
+SHAKESPEARE = REPO.parent / 'shared' / 'data' / 'tinyshakespeare' / 'input.txt'
+# multi-byte characters, so that bytes and characters differ
+TEXT = SHAKESPEARE.read_text(encoding='utf-8')[:700] + "\ncafé naïve — ✓ Ünïcödé\n"
+CHARS = ''.join(sorted(set(TEXT)))
+TOKENIZER = {'kind': 'char', 'chars': CHARS}
+encode, decode = get_tokenizer(TOKENIZER)
+TINY = dict(vocab_size=len(CHARS), block_size=32, n_layer=2, n_embd=32, n_head=2, kv_lora_rank=16,
+            qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, dense_inter_dim=64, moe_inter_dim=16,
+            n_routed_experts=4, n_activated_experts=2)
+SUCCESSOR_ITEMS = 5  # MC items; the first 3 are labelled with the chain the bigram model predicts
+
+
+def random_model(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**TINY)).eval()
+
+
+def successor_model():
+    """A bigram model that predicts character i+1 after character i, by a wide margin: every block
+    adds nothing (output projections zeroed), and the head points each id at its predecessor's
+    embedding."""
+    model = random_model(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(('wo.weight', 'w2.weight', 'ffn.w2')):
+                p.zero_()
+        e = model.embed.weight / model.embed.weight.norm(dim=1, keepdim=True)
+        model.head.weight.copy_(5 * e.roll(1, 0))
+    return model
+
+
+def save(model, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    save_checkpoint({'model': model.state_dict(), 'model_args': asdict(model.cfg), 'tokenizer': TOKENIZER,
+                     'config': {'dataset': 'tiny'}, 'iter_num': 7}, os.path.join(out_dir, 'ckpt.pt'))
+
+
+def chain(start, n):
+    i = CHARS.index(start)
+    return ''.join(CHARS[(i + k) % len(CHARS)] for k in range(1, n + 1))
+
+
+def mc_items():
+    """Endings of equal length after ' ': the successor chain of ' ' and three scrambled others."""
+    rng = np.random.default_rng(0)
+    right = chain(' ', 5)
+    items = []
+    for k in range(SUCCESSOR_ITEMS):
+        wrong = [''.join(rng.choice(list(CHARS.replace('\n', '')), 5)) for _ in range(3)]
+        endings = wrong[:k % 4] + [right] + wrong[k % 4:]
+        label = k % 4 if k < 3 else (k % 4 + 1) % 4  # items 3 and 4 name a wrong ending
+        items.append({'ctx': TEXT[20 * k:20 * k + 30], 'endings': endings, 'label': label})
+    return items
+
+
+@pytest.fixture(scope='module')
+def work(tmp_path_factory):
+    """data/tiny (val in two shards: the split is their concatenation) and two checkpoints."""
+    d = tmp_path_factory.mktemp('eval')
+    ids = encode(TEXT)
+    os.makedirs(d / 'data' / 'tiny')
+    write_shard(d / 'data' / 'tiny' / 'train_000.bin', ids)
+    write_shard(d / 'data' / 'tiny' / 'val_000.bin', ids[:300])
+    write_shard(d / 'data' / 'tiny' / 'val_001.bin', ids[300:])
+    (d / 'data' / 'tiny' / 'meta.json').write_text(json.dumps({'tokenizer': TOKENIZER, 'vocab_size': len(CHARS)}))
+    save(random_model(), d / 'random')
+    save(successor_model(), d / 'successor')
+    with open(d / 'mc.jsonl', 'w') as f:
+        f.writelines(json.dumps(it) + '\n' for it in mc_items())
+    return d
+
+
+def run_eval(cwd, *args):
+    return subprocess.run([sys.executable, str(REPO / 'eval.py'), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1', 'HF_DATASETS_OFFLINE': '1',
+                                            'HF_HUB_OFFLINE': '1'})
+
+
+def direct_nll(model, tokens):
+    """Summed cross-entropy of tokens[1:] from the model's own loss, block_size chunk by chunk."""
+    T, total = model.cfg.block_size, 0.0
+    for s in range(0, len(tokens) - 1, T):
+        x = torch.tensor(tokens[s:s + T + 1], dtype=torch.long)
+        ce = model(x[None, :-1], targets=x[None, 1:])[2]['ce']
+        total += ce.item() * (len(x) - 1)
+    return total
+
+
+@pytest.mark.parametrize('n', [2, 3, 31, 32, 33, 34, 65, 200])
+@pytest.mark.parametrize('stride', [0, 1, 5, 16, 32])
+def test_windows_score_every_token_once(n, stride):
+    T = 32
+    count = np.zeros(n, dtype=int)
+    for start, end, scored in ev.windows(n, T, stride):
+        assert 0 < scored <= end - start <= T
+        if stride and start:  # after the first window, every window reads a full block
+            assert end - start == T
+        if not stride:  # side by side
+            assert scored == end - start
+        count[end - scored + 1:end + 1] += 1
+    assert count[0] == 0 and (count[1:] == 1).all()
+
+
+def test_perplexity_is_exp_of_model_ce():
+    model, T = random_model(), TINY['block_size']
+    tokens = np.array(encode(TEXT[:4 * T + 1]))
+    nll, scored, n_windows, load = ev.score_tokens(model, tokens, 0, 3, 'cpu')  # batches of 3 and 1
+    x = torch.from_numpy(tokens.astype(np.int64))
+    ce = model(x[:-1].view(4, T), targets=x[1:].view(4, T))[2]['ce'].item()
+    assert (scored, n_windows) == (4 * T, 4)
+    assert math.exp(-nll / scored) == pytest.approx(math.exp(ce), rel=1e-5)
+    # the load: each MoE layer sends every token read to k experts
+    assert load.shape == (1, 4) and (load.sum(1) == 2 * 4 * T).all()
+
+
+def test_stride_scores_every_token_with_more_context():
+    model = random_model()
+    tokens = np.array(encode(TEXT[:150]))
+    plain = ev.score_tokens(model, tokens, 0, 4, 'cpu')
+    strided = ev.score_tokens(model, tokens, 8, 4, 'cpu')
+    assert plain[1] == strided[1] == len(tokens) - 1 and strided[2] > plain[2]
+    # a token scored in a strided window gets exactly the log-prob of its own block_size context
+    p = 100  # scored in the window that ends at 1 + 32 + 8k >= p: 105, reading tokens[73:105]
+    start, end, _ = next(w for w in ev.windows(len(tokens), 32, 8) if w[1] - w[2] < p <= w[1])
+    rows, _ = ev.score_batch(model, [tokens[start:p + 1]], [1], 'cpu')
+    logits = model(torch.tensor(tokens[start:p][None].astype(np.int64)))[0]
+    assert rows[0][0][0] == pytest.approx(logits[0, -1].log_softmax(-1)[tokens[p]].item(), abs=1e-5)
+
+
+def test_cli_metrics_ppl_bpb_and_load(work):
+    p = run_eval(work, '--out_dir=random', '--out=m.json', '--batch_size=3', '--bench_iters=1', '--decode_tokens=4')
+    assert p.returncode == 0, p.stderr
+    m = json.loads((work / 'm.json').read_text())
+    val = encode(TEXT)  # the two val shards, concatenated
+    nll = direct_nll(random_model(), val)
+    n_bytes = len(TEXT[1:].encode('utf-8'))
+    assert n_bytes > len(TEXT) - 1  # the text has multi-byte characters
+    assert m['scoring']['tokens_scored'] == len(val) - 1 and m['scoring']['split_tokens'] == len(val)
+    assert m['scoring']['bytes_scored'] == n_bytes
+    assert m['ce'] == pytest.approx(nll / (len(val) - 1), rel=1e-5)
+    assert m['ppl'] == pytest.approx(math.exp(nll / (len(val) - 1)), rel=1e-5)
+    assert m['bpb'] == pytest.approx(nll / n_bytes / math.log(2), rel=1e-5)
+    assert m['checkpoint']['iter'] == 7 and m['dataset'] == 'tiny' and m['split'] == 'val'
+    assert m['params']['total'] > m['params']['active'] > 0
+    assert m['throughput']['prefill_tokens_per_s'] > 0 and m['memory']['peak_mib'] > 0
+    [layer] = m['expert_load']
+    assert layer['layer'] == 1 and sum(layer['tokens']) == 2 * (len(val) - 1)
+    assert 0 < layer['entropy_bits'] <= layer['max_entropy_bits'] == 2
+    assert 'bits per byte' in p.stdout and 'first has no context' in p.stdout
+    assert not list(work.glob('*.tmp'))
+
+
+def test_bytes_per_token_gpt2():
+    text = "Ünïcödé — ✓ and plain words"
+    ids = gpt2_encoding().encode_ordinary(text)
+    per_token = ev.token_bytes({'kind': 'gpt2'})
+    assert per_token[ids].sum() == len(text.encode('utf-8')) and per_token[50256] == 0
+
+
+def test_multiple_choice_picks_the_known_ending():
+    items = mc_items()
+    result = ev.multiple_choice(successor_model(), encode, items, 5, 'cpu')
+    right = [it['endings'].index(chain(' ', 5)) for it in items]
+    assert result['predictions'] == right
+    assert result['acc'] == result['acc_norm'] == 3 / SUCCESSOR_ITEMS
+
+
+def test_lm_eval_adapter_matches_mc_scorer(work):
+    """lm_eval runs a local task through eval.py and gets the MC scorer's accuracy."""
+    tasks = work / 'tasks'
+    tasks.mkdir(exist_ok=True)
+    (tasks / 'tiny_mc.yaml').write_text(
+        "task: tiny_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {work / 'mc.jsonl'}\n"
+        "validation_split: validation\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{ctx}}"\ndoc_to_choice: endings\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n")
+    p = run_eval(work, '--out_dir=successor', '--out=mc.json', '--mc=mc.jsonl', '--lm_eval_tasks=tiny_mc',
+                 f'--lm_eval_include={tasks}', '--bench_iters=0', '--decode_tokens=0')
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((work / 'mc.json').read_text())
+    assert m['mc']['acc'] == 3 / SUCCESSOR_ITEMS and m['mc']['items'] == SUCCESSOR_ITEMS
+    assert m['lm_eval']['tiny_mc']['acc,none'] == m['mc']['acc']
+
+
+def test_lm_eval_rolling_and_generation():
+    pytest.importorskip('lm_eval')
+    from lm_eval.api.instance import Instance
+    model = successor_model()
+    lm = ev.NanoDeepSeekLM(loaded=(model, {'tokenizer': TOKENIZER}), device='cpu', dtype='float32')
+    req = lambda kind, args: Instance(request_type=kind, doc={}, arguments=args, idx=0)
+    [rolling] = lm.loglikelihood_rolling([req('loglikelihood_rolling', (TEXT[:80],))])
+    assert rolling == pytest.approx(-direct_nll(model, encode(TEXT[:80])), rel=1e-5)
+    stop = chain('a', 4)[-1]
+    [text] = lm.generate_until([req('generate_until', ('a', {'until': [stop], 'max_gen_toks': 8}))])
+    assert text == chain('a', 3)  # greedy follows the chain and stops before the stop string
+    [(logprob, greedy)] = lm.loglikelihood([req('loglikelihood', ('a', chain('a', 3)))])
+    assert greedy and logprob > -0.01
+
+
+@pytest.mark.parametrize('case', ['no checkpoint', 'corrupt checkpoint', 'no dataset', 'corrupt shard',
+                                  'bad mc line'])
+def test_bad_input_is_one_line(work, case):
+    args = {'no checkpoint': ['--out_dir=nowhere'],
+            'corrupt checkpoint': ['--out_dir=broken'],
+            'no dataset': ['--out_dir=random', '--dataset=nope'],
+            'corrupt shard': ['--out_dir=random', '--dataset=cut'],
+            'bad mc line': ['--out_dir=random', '--mc=bad.jsonl']}[case]
+    if case == 'corrupt checkpoint':
+        (work / 'broken').mkdir(exist_ok=True)
+        (work / 'broken' / 'ckpt.pt').write_bytes((work / 'random' / 'ckpt.pt').read_bytes()[:5000])
+    if case == 'corrupt shard':
+        (work / 'data' / 'cut').mkdir(exist_ok=True)
+        (work / 'data' / 'cut' / 'meta.json').write_bytes((work / 'data' / 'tiny' / 'meta.json').read_bytes())
+        (work / 'data' / 'cut' / 'val_000.bin').write_bytes((work / 'data' / 'tiny' / 'val_000.bin').read_bytes()[:-3])
+    if case == 'bad mc line':
+        (work / 'bad.jsonl').write_text('{"ctx": "a", "endings": ["b"], "label": 0}\n{"ctx": "a", "label": 0}\n')
+    p = run_eval(work, *args)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith('eval.py: error:'), p.stderr
+    assert {'no checkpoint': 'no checkpoint', 'corrupt checkpoint': 'cannot read', 'no dataset': 'no dataset',
+            'corrupt shard': 'truncated', 'bad mc line': 'bad.jsonl:2'}[case] in lines[0]
