@@ -34,7 +34,7 @@ metrics.json (written atomically):
     throughput     {"prefill_tokens_per_s", "decode_tokens_per_s", "decode_batch", "decode_tokens"}:
                    prefill = forward passes over batch_size full windows; decode = greedy
                    engine.Engine.generate of decode_tokens tokens for decode_batch prompts of
-                   block_size // 2 tokens (null when skipped, "decode_note" says why)
+                   block_size // 2 tokens, prefill of the prompts included (null when skipped)
     memory         {"peak_mib", "kind"}: torch.cuda.max_memory_allocated on CUDA, else the process's max RSS
     expert_load    one entry per MoE layer, over every token the scoring windows read (with --stride a
                    context token counts again in each window): {"layer", "tokens" (token copies per
@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_model
+from engine import Engine, SamplingParams
 from flags import check_flags, non_negative, one_of, positive, usage_error
 from prepare import EOT, get_tokenizer, gpt2_encoding, read_shard, vocab_size_of
 
@@ -202,24 +203,30 @@ def score_batch(model, seqs, n_scored, device):
     return rows, stats['load']
 
 
+def same_length_batches(plan, batch_size):
+    """Consecutive windows, at most batch_size of one length a batch: no padding, so no padding
+    token is counted in the expert load."""
+    batch = []
+    for w in plan:
+        if batch and (len(batch) == batch_size or w[1] - w[0] != batch[0][1] - batch[0][0]):
+            yield batch
+            batch = []
+        batch.append(w)
+    if batch:
+        yield batch
+
+
 def score_tokens(model, tokens, stride, batch_size, device):
-    """Sum of log-probabilities of tokens[1:] in the windows above -> (logprob sum, tokens scored,
-    windows, expert load summed over the windows or None). A batch holds windows of one length, so
-    no padding token is counted in the load."""
+    """Log-probabilities of tokens[1:] in the windows above -> (their sum, tokens scored, windows,
+    expert load [n_moe_layers, E] summed over the windows or None)."""
     plan = windows(len(tokens), model.cfg.block_size, stride)
     total, scored, load = 0.0, 0, None
-    i = 0
-    while i < len(plan):
-        batch = [plan[i]]
-        while len(batch) < batch_size and i + len(batch) < len(plan) and \
-                plan[i + len(batch)][1] - plan[i + len(batch)][0] == plan[i][1] - plan[i][0]:
-            batch.append(plan[i + len(batch)])
+    for batch in same_length_batches(plan, batch_size):
         rows, batch_load = score_batch(model, [tokens[s:e + 1] for s, e, _ in batch], [n for _, _, n in batch], device)
-        total += sum(float(lp.sum()) for lp, _ in rows)
+        total += sum(loglikelihood(lp) for lp, _ in rows)
         scored += sum(len(lp) for lp, _ in rows)
         if batch_load is not None:
             load = batch_load.double().cpu() + (0 if load is None else load)
-        i += len(batch)
     return total, scored, len(plan), load
 
 
@@ -267,9 +274,9 @@ def multiple_choice(model, encode, items, batch_size, device):
 
 def expert_load(model, load):
     """Per MoE layer: token copies per expert over the split, and how evenly they spread."""
-    layers = [i for i in range(model.cfg.n_layer) if model.cfg.is_moe_layer(i)]
     if load is None:
         return []
+    layers = [i for i in range(model.cfg.n_layer) if model.cfg.is_moe_layer(i)]
     rows = []
     for layer, counts in zip(layers, load.tolist()):
         counts = np.array(counts)
@@ -302,18 +309,30 @@ def prefill_throughput(model, tokens, batch_size, iters, device):
     return n * T * iters / (time.perf_counter() - t0)
 
 
-def decode_throughput(engine_cls, params_cls, model, tokenizer, tokens, batch_size, max_tokens, device):
+def greedy_generate(model, tokenizer, prompts, params, max_batch):
+    """Engine.generate, leaving the model without the engine's caches (scoring runs uncached)."""
+    try:
+        return Engine(model, tokenizer, max_batch=max_batch).generate(prompts, params)
+    finally:
+        model.clear_cache()
+
+
+def decode_throughput(model, tokenizer, tokens, batch_size, max_tokens, device):
     """Generated tokens/s of greedy Engine.generate over batch_size prompts of block_size // 2 tokens
-    from the split (a short warm-up generation first)."""
-    engine = engine_cls(model, tokenizer, max_batch=batch_size, device=device)
-    L = max(1, min(model.cfg.block_size // 2, len(tokens) // batch_size))
-    prompts = [tokens[i * L:(i + 1) * L].tolist() for i in range(batch_size)]
-    engine.generate(prompts, params_cls(max_tokens=2, temperature=0))
-    sync(device)
-    t0 = time.perf_counter()
-    done = engine.generate(prompts, params_cls(max_tokens=max_tokens, temperature=0))
-    sync(device)
-    return sum(len(r.tokens) for r in done) / (time.perf_counter() - t0)
+    from the split (the prefill of the prompts included; CUDA graphs captured before the clock starts)."""
+    n = min(batch_size, len(tokens))
+    L = min(model.cfg.block_size // 2, len(tokens) // n)
+    prompts = [tokens[i * L:(i + 1) * L].tolist() for i in range(n)]
+    engine = Engine(model, tokenizer, max_batch=batch_size)
+    try:
+        engine.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0))  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        done = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
+        sync(device)
+        return sum(len(r.tokens) for r in done) / (time.perf_counter() - t0)
+    finally:
+        model.clear_cache()
 
 
 def peak_memory(device):
@@ -345,8 +364,8 @@ def print_table(m):
     thr = m['throughput']
     if thr['prefill_tokens_per_s'] is not None:
         rows.append(('prefill', f"{thr['prefill_tokens_per_s']:,.0f} tokens/s"))
-    rows.append(('decode', f"{thr['decode_tokens_per_s']:,.0f} tokens/s (batch {thr['decode_batch']})"
-                 if thr['decode_tokens_per_s'] is not None else thr['decode_note']))
+    if thr['decode_tokens_per_s'] is not None:
+        rows.append(('decode', f"{thr['decode_tokens_per_s']:,.0f} tokens/s ({thr['decode_batch']} x {thr['decode_tokens']} tokens)"))
     rows.append(('peak memory', f"{m['memory']['peak_mib']:,.0f} MiB ({m['memory']['kind']})"))
     for r in m['expert_load']:
         rows.append((f"experts, layer {r['layer']}", f"max/mean {r['max_over_mean']:.2f}, entropy "
@@ -398,17 +417,15 @@ if LM is not None:
                                  self.batch_size, self._device)[0] for (text,) in (r.args for r in requests)]
 
         def generate_until(self, requests):
-            """Greedy continuations, cut before the first stop string."""
-            out = []
+            """Greedy continuations through the engine, cut before the first stop string ('until');
+            sampling settings in gen_kwargs are ignored."""
+            prompts, params = [], []
             for ctx, kwargs in (r.args for r in requests):
-                until = kwargs.get('until') or []
-                until = [until] if isinstance(until, str) else until
-                idx = torch.tensor([self.prefix + self.encode(ctx)], device=self._device)
-                ids = self.model.generate(idx, kwargs.get('max_gen_toks', 256), temperature=0,
-                                          n_vocab=vocab_size_of(self.tokenizer))[0, idx.size(1):]
-                text = self.decode(ids.tolist())
-                out.append(text[:min([text.find(s) for s in until if s in text], default=len(text))])
-            return out
+                until = kwargs.get('until') or ()
+                prompts.append(self.encode(ctx) or self.prefix)
+                params.append(SamplingParams(max_tokens=kwargs.get('max_gen_toks', 256), temperature=0,
+                                             stop=(until,) if isinstance(until, str) else tuple(until)))
+            return [r.text for r in greedy_generate(self.model, self.tokenizer, prompts, params, self.batch_size)]
 
 
 def run_lm_eval(model, checkpoint, tasks, include, limit, batch, device, dtype_name):
@@ -462,16 +479,9 @@ def main():
                   'decode_tokens': decode_tokens}
     if bench_iters:
         throughput['prefill_tokens_per_s'] = prefill_throughput(model, tokens, batch_size, bench_iters, device)
-    try:
-        from engine import Engine, SamplingParams
-    except ImportError:
-        throughput['decode_note'] = 'decode not measured: no engine.py'
-    else:
-        if decode_tokens:
-            throughput['decode_tokens_per_s'] = decode_throughput(Engine, SamplingParams, model, checkpoint['tokenizer'],
-                                                                  tokens, batch_size, decode_tokens, device)
-        else:
-            throughput['decode_note'] = 'decode not measured: --decode_tokens=0'
+    if decode_tokens:
+        throughput['decode_tokens_per_s'] = decode_throughput(model, checkpoint['tokenizer'], tokens, batch_size,
+                                                              decode_tokens, device)
 
     metrics = {
         'checkpoint': {'path': checkpoint['path'], 'iter': checkpoint.get('iter_num')},
