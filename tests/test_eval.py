@@ -21,6 +21,7 @@ from model import ModelConfig, Transformer  # noqa: E402
 from prepare import get_tokenizer, gpt2_encoding, write_shard  # noqa: E402
 
 ev = importlib.import_module('eval')
+HAVE_LM_EVAL = ev.LM is not None
 SHAKESPEARE = REPO.parent / 'shared' / 'data' / 'tinyshakespeare' / 'input.txt'
 # multi-byte characters, so that bytes and characters differ
 TEXT = SHAKESPEARE.read_text(encoding='utf-8')[:700] + "\ncafé naïve — ✓ Ünïcödé\n"
@@ -78,7 +79,8 @@ def mc_items():
 
 @pytest.fixture(scope='module')
 def work(tmp_path_factory):
-    """data/tiny (val in two shards: the split is their concatenation) and two checkpoints."""
+    """data/tiny (val in two shards: the split is their concatenation), the successor model's
+    checkpoint and the MC items."""
     d = tmp_path_factory.mktemp('eval')
     ids = encode(TEXT)
     os.makedirs(d / 'data' / 'tiny')
@@ -86,7 +88,6 @@ def work(tmp_path_factory):
     write_shard(d / 'data' / 'tiny' / 'val_000.bin', ids[:300])
     write_shard(d / 'data' / 'tiny' / 'val_001.bin', ids[300:])
     (d / 'data' / 'tiny' / 'meta.json').write_text(json.dumps({'tokenizer': TOKENIZER, 'vocab_size': len(CHARS)}))
-    save(random_model(), d / 'random')
     save(successor_model(), d / 'successor')
     with open(d / 'mc.jsonl', 'w') as f:
         f.writelines(json.dumps(it) + '\n' for it in mc_items())
@@ -142,20 +143,36 @@ def test_stride_scores_every_token_with_more_context():
     plain = ev.score_tokens(model, tokens, 0, 4, 'cpu')
     strided = ev.score_tokens(model, tokens, 8, 4, 'cpu')
     assert plain[1] == strided[1] == len(tokens) - 1 and strided[2] > plain[2]
-    # a token scored in a strided window gets exactly the log-prob of its own block_size context
-    p = 100  # scored in the window that ends at 1 + 32 + 8k >= p: 105, reading tokens[73:105]
+    # a token scored in a strided window gets the log-prob of the full block before its window's end
+    p = 100
     start, end, _ = next(w for w in ev.windows(len(tokens), 32, 8) if w[1] - w[2] < p <= w[1])
     rows, _ = ev.score_batch(model, [tokens[start:p + 1]], [1], 'cpu')
     logits = model(torch.tensor(tokens[start:p][None].astype(np.int64)))[0]
     assert rows[0][0][0] == pytest.approx(logits[0, -1].log_softmax(-1)[tokens[p]].item(), abs=1e-5)
 
 
-def test_cli_metrics_ppl_bpb_and_load(work):
-    p = run_eval(work, '--out_dir=random', '--out=m.json', '--batch_size=3', '--bench_iters=1', '--decode_tokens=4')
-    assert p.returncode == 0, p.stderr
-    m = json.loads((work / 'm.json').read_text())
+@pytest.fixture(scope='module')
+def cli(work):
+    """One eval.py run over everything: the split, MC, and (where installed) lm_eval on a local
+    task holding the same items -> (metrics, stdout)."""
+    (work / 'tasks').mkdir()
+    (work / 'tasks' / 'tiny_mc.yaml').write_text(
+        "task: tiny_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {work / 'mc.jsonl'}\n"
+        "validation_split: validation\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{ctx}}"\ndoc_to_choice: endings\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n")
+    lm_eval_args = ['--lm_eval_tasks=tiny_mc', f"--lm_eval_include={work / 'tasks'}"] if HAVE_LM_EVAL else []
+    p = run_eval(work, '--out_dir=successor', '--out=m.json', '--batch_size=3', '--bench_iters=1',
+                 '--decode_tokens=4', '--mc=mc.jsonl', *lm_eval_args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads((work / 'm.json').read_text()), p.stdout
+
+
+def test_cli_ppl_and_bpb_against_the_model_and_by_hand(cli, work):
+    m, stdout = cli
     val = encode(TEXT)  # the two val shards, concatenated
-    nll = direct_nll(random_model(), val)
+    nll = direct_nll(successor_model(), val)
     n_bytes = len(TEXT[1:].encode('utf-8'))
     assert n_bytes > len(TEXT) - 1  # the text has multi-byte characters
     assert m['scoring']['tokens_scored'] == len(val) - 1 and m['scoring']['split_tokens'] == len(val)
@@ -163,15 +180,19 @@ def test_cli_metrics_ppl_bpb_and_load(work):
     assert m['ce'] == pytest.approx(nll / (len(val) - 1), rel=1e-5)
     assert m['ppl'] == pytest.approx(math.exp(nll / (len(val) - 1)), rel=1e-5)
     assert m['bpb'] == pytest.approx(nll / n_bytes / math.log(2), rel=1e-5)
+    assert 'bits per byte' in stdout and 'first has no context' in stdout
+    assert not list(work.glob('*.tmp'))
+
+
+def test_cli_params_throughput_memory_load(cli):
+    m, _ = cli
     assert m['checkpoint']['iter'] == 7 and m['dataset'] == 'tiny' and m['split'] == 'val'
     assert m['params']['total'] > m['params']['active'] > 0
     assert m['throughput']['prefill_tokens_per_s'] > 0 and m['throughput']['decode_tokens_per_s'] > 0
     assert m['memory']['peak_mib'] > 0
-    [layer] = m['expert_load']
-    assert layer['layer'] == 1 and sum(layer['tokens']) == 2 * (len(val) - 1)
+    [layer] = m['expert_load']  # every token read goes to k = 2 of the 4 experts
+    assert layer['layer'] == 1 and sum(layer['tokens']) == 2 * m['scoring']['tokens_scored']
     assert 0 < layer['entropy_bits'] <= layer['max_entropy_bits'] == 2
-    assert 'bits per byte' in p.stdout and 'first has no context' in p.stdout
-    assert not list(work.glob('*.tmp'))
 
 
 def test_bytes_per_token_gpt2():
@@ -189,27 +210,16 @@ def test_multiple_choice_picks_the_known_ending():
     assert result['acc'] == result['acc_norm'] == 3 / SUCCESSOR_ITEMS
 
 
-def test_lm_eval_adapter_matches_mc_scorer(work):
-    """lm_eval runs a local task through eval.py and gets the MC scorer's accuracy."""
-    pytest.importorskip('lm_eval')
-    tasks = work / 'tasks'
-    tasks.mkdir(exist_ok=True)
-    (tasks / 'tiny_mc.yaml').write_text(
-        "task: tiny_mc\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    validation: {work / 'mc.jsonl'}\n"
-        "validation_split: validation\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{ctx}}"\ndoc_to_choice: endings\ndoc_to_target: "{{label}}"\n'
-        "metric_list:\n  - metric: acc\n")
-    p = run_eval(work, '--out_dir=successor', '--out=mc.json', '--mc=mc.jsonl', '--lm_eval_tasks=tiny_mc',
-                 f'--lm_eval_include={tasks}', '--bench_iters=0', '--decode_tokens=0')
-    assert p.returncode == 0, p.stderr[-3000:]
-    m = json.loads((work / 'mc.json').read_text())
+@pytest.mark.skipif(not HAVE_LM_EVAL, reason='lm-eval is not installed')
+def test_lm_eval_adapter_matches_mc_scorer(cli):
+    """lm_eval, run by eval.py on a local task with the MC file's items, gets the MC scorer's accuracy."""
+    m, _ = cli
     assert m['mc']['acc'] == 3 / SUCCESSOR_ITEMS and m['mc']['items'] == SUCCESSOR_ITEMS
     assert m['lm_eval']['tiny_mc']['acc,none'] == m['mc']['acc']
 
 
+@pytest.mark.skipif(not HAVE_LM_EVAL, reason='lm-eval is not installed')
 def test_lm_eval_rolling_and_generation():
-    pytest.importorskip('lm_eval')
     from lm_eval.api.instance import Instance
     model = successor_model()
     lm = ev.NanoDeepSeekLM(loaded=(model, {'tokenizer': TOKENIZER}), device='cpu', dtype='float32')
@@ -234,11 +244,11 @@ def test_bad_mc_line_names_it(tmp_path):
 def test_bad_input_is_one_line(work, case):
     args = {'no checkpoint': ['--out_dir=nowhere'],
             'corrupt checkpoint': ['--out_dir=broken'],
-            'no dataset': ['--out_dir=random', '--dataset=nope'],
-            'corrupt shard': ['--out_dir=random', '--dataset=cut']}[case]
+            'no dataset': ['--out_dir=successor', '--dataset=nope'],
+            'corrupt shard': ['--out_dir=successor', '--dataset=cut']}[case]
     if case == 'corrupt checkpoint':
         (work / 'broken').mkdir(exist_ok=True)
-        (work / 'broken' / 'ckpt.pt').write_bytes((work / 'random' / 'ckpt.pt').read_bytes()[:5000])
+        (work / 'broken' / 'ckpt.pt').write_bytes((work / 'successor' / 'ckpt.pt').read_bytes()[:5000])
     if case == 'corrupt shard':
         (work / 'data' / 'cut').mkdir(exist_ok=True)
         (work / 'data' / 'cut' / 'meta.json').write_bytes((work / 'data' / 'tiny' / 'meta.json').read_bytes())
