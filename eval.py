@@ -128,7 +128,8 @@ def load_dataset(data_dir, tokenizer, split_name):
 
 
 def describe(tokenizer):
-    return f"a {tokenizer['kind']} tokenizer" if isinstance(tokenizer, dict) and 'kind' in tokenizer else 'an unknown tokenizer'
+    known = isinstance(tokenizer, dict) and 'kind' in tokenizer
+    return f"a {tokenizer['kind']} tokenizer" if known else 'an unknown tokenizer'
 
 
 def token_bytes(tokenizer):
@@ -154,7 +155,8 @@ def read_mc(path):
             except (json.JSONDecodeError, AttributeError):
                 ok = False
             if not ok:
-                raise ValueError(f"{path}:{n}: expected {{\"ctx\": str, \"endings\": [str, ...], \"label\": int index into endings}}")
+                raise ValueError(f'{path}:{n}: expected {{"ctx": str, "endings": [str, ...], '
+                                 f'"label": int index into endings}}')
             items.append(item)
     if not items:
         raise ValueError(f"{path}: no items")
@@ -343,7 +345,8 @@ def peak_memory(device):
 
 
 def device_info(device, dtype_name):
-    name = torch.cuda.get_device_name(device) if torch.device(device).type == 'cuda' else platform.processor() or platform.machine()
+    cuda = torch.device(device).type == 'cuda'
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
     return {'device': device, 'dtype': dtype_name, 'name': name, 'torch': torch.__version__}
 
 
@@ -355,17 +358,19 @@ def write_json(obj, path):
 
 
 def print_table(m):
+    sc = m['scoring']
     rows = [('checkpoint', f"{m['checkpoint']['path']} (iter {m['checkpoint']['iter']})"),
-            ('data', f"{m['dataset']} {m['split']}: {m['scoring']['tokens_scored']:,} tokens scored "
-                     f"in {m['scoring']['windows']:,} windows (stride {m['scoring']['stride'] or 'none'})"),
+            ('data', f"{m['dataset']} {m['split']}: {sc['tokens_scored']:,} tokens scored in {sc['windows']:,} "
+                     f"windows, " + (f"stride {sc['stride']}" if sc['stride'] else 'side by side')),
             ('cross-entropy', f"{m['ce']:.4f} nats/token"), ('perplexity', f"{m['ppl']:.4f}"),
-            ('bits per byte', f"{m['bpb']:.4f}"),
+            ('bits per byte', 'n/a: no text bytes' if m['bpb'] is None else f"{m['bpb']:.4f}"),
             ('params', f"{m['params']['total']:,} total, {m['params']['active']:,} active")]
     thr = m['throughput']
     if thr['prefill_tokens_per_s'] is not None:
         rows.append(('prefill', f"{thr['prefill_tokens_per_s']:,.0f} tokens/s"))
     if thr['decode_tokens_per_s'] is not None:
-        rows.append(('decode', f"{thr['decode_tokens_per_s']:,.0f} tokens/s ({thr['decode_batch']} x {thr['decode_tokens']} tokens)"))
+        rows.append(('decode', f"{thr['decode_tokens_per_s']:,.0f} tokens/s "
+                               f"({thr['decode_batch']} x {thr['decode_tokens']} tokens)"))
     rows.append(('peak memory', f"{m['memory']['peak_mib']:,.0f} MiB ({m['memory']['kind']})"))
     for r in m['expert_load']:
         rows.append((f"experts, layer {r['layer']}", f"max/mean {r['max_over_mean']:.2f}, entropy "
@@ -428,15 +433,33 @@ if LM is not None:
             return [r.text for r in greedy_generate(self.model, self.tokenizer, prompts, params, self.batch_size)]
 
 
-def run_lm_eval(model, checkpoint, tasks, include, limit, batch, device, dtype_name):
+def lm_eval_tasks_of(names, include):
+    """(task names, lm_eval's TaskManager), checked before any scoring starts."""
     if LM is None:
         raise ValueError("--lm_eval_tasks needs lm-evaluation-harness: pip install lm-eval==0.4.13")
-    import lm_eval
     from lm_eval.tasks import TaskManager
+    if include and not os.path.isdir(include):
+        raise ValueError(f"--lm_eval_include={include}: no such folder")
+    manager = TaskManager(include_path=include or None)
+    names = names.split(',')
+    unknown = [t for t in names if t not in manager.all_tasks and not os.path.isfile(t)]
+    if unknown:
+        raise ValueError(f"unknown lm_eval task {unknown[0]!r} (list them with `lm_eval ls tasks`; "
+                         f"your own: a folder of task YAMLs in --lm_eval_include)")
+    return names, manager
+
+
+def run_lm_eval(model, checkpoint, tasks, limit, batch, device, dtype_name):
+    import lm_eval
     lm = NanoDeepSeekLM(device=device, dtype=dtype_name, batch_size=batch, loaded=(model, checkpoint))
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks.split(','), limit=limit or None,
-                                      task_manager=TaskManager(include_path=include or None))
-    return {task: {k: v for k, v in res.items() if isinstance(v, (int, float))} for task, res in results['results'].items()}
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=tasks[0], task_manager=tasks[1], limit=limit or None)
+    except Exception as e:  # lm_eval and the datasets it loads fail in many ways: one line each
+        first = (str(e).strip().splitlines() or [''])[0]
+        raise ValueError(f"lm_eval failed ({type(e).__name__}: {first}); without network, a task whose data is on "
+                         f"the Hugging Face hub needs a local copy: a task YAML with dataset_path: json") from None
+    return {task: {k: v for k, v in res.items() if isinstance(v, (int, float))}
+            for task, res in results['results'].items()}
 
 
 # -----------------------------------------------------------------------------
@@ -460,18 +483,19 @@ def main():
             usage_error('eval.py', f"--stride={stride}: must be <= the model's block_size {model.cfg.block_size}")
         tokens = load_dataset(os.path.join('data', name), checkpoint['tokenizer'], split)
         items = read_mc(mc) if mc else None
+        tasks = lm_eval_tasks_of(lm_eval_tasks, lm_eval_include) if lm_eval_tasks else None
     except (CheckpointError, ValueError, OSError) as e:
         fail(e)
     print(f"scoring {len(tokens) - 1:,} of the {len(tokens):,} tokens of {name} {split} "
           f"(the first has no context and is not scored)")
 
     logprob, scored, n_windows, load = score_tokens(model, tokens, stride, batch_size, device)
-    n_bytes = int(np.bincount(tokens[1:], minlength=vocab_size_of(checkpoint['tokenizer'])) @ token_bytes(checkpoint['tokenizer']))
+    per_token = token_bytes(checkpoint['tokenizer'])
+    n_bytes = int(np.bincount(tokens[1:], minlength=len(per_token)) @ per_token)
     ce = -logprob / scored
     try:
         mc_result = multiple_choice(model, encode, items, batch_size, device) if items else None
-        lm_eval_result = run_lm_eval(model, checkpoint, lm_eval_tasks, lm_eval_include, lm_eval_limit, batch_size,
-                                     device, dtype) if lm_eval_tasks else None
+        lm_eval_result = run_lm_eval(model, checkpoint, tasks, lm_eval_limit, batch_size, device, dtype) if tasks else None
     except ValueError as e:
         fail(e)
 
@@ -489,7 +513,7 @@ def main():
         'dataset': name, 'split': split, 'tokenizer': checkpoint['tokenizer']['kind'],
         'scoring': {'block_size': model.cfg.block_size, 'stride': stride, 'windows': n_windows,
                     'split_tokens': len(tokens), 'tokens_scored': scored, 'bytes_scored': n_bytes},
-        'ce': ce, 'ppl': math.exp(ce), 'bpb': -logprob / n_bytes / math.log(2),
+        'ce': ce, 'ppl': math.exp(ce), 'bpb': -logprob / n_bytes / math.log(2) if n_bytes else None,
         'params': {'total': model.num_params(), 'active': model.num_params(active=True)},
         'throughput': throughput,
         'memory': peak_memory(device),

@@ -240,12 +240,16 @@ def test_bad_mc_line_names_it(tmp_path):
         ev.read_mc(path)
 
 
-@pytest.mark.parametrize('case', ['no checkpoint', 'corrupt checkpoint', 'no dataset', 'corrupt shard'])
+@pytest.mark.parametrize('case', ['no checkpoint', 'corrupt checkpoint', 'no dataset', 'corrupt shard',
+                                  'unknown lm_eval task'])
 def test_bad_input_is_one_line(work, case):
+    if case == 'unknown lm_eval task' and not HAVE_LM_EVAL:
+        pytest.skip('lm-eval is not installed')
     args = {'no checkpoint': ['--out_dir=nowhere'],
             'corrupt checkpoint': ['--out_dir=broken'],
             'no dataset': ['--out_dir=successor', '--dataset=nope'],
-            'corrupt shard': ['--out_dir=successor', '--dataset=cut']}[case]
+            'corrupt shard': ['--out_dir=successor', '--dataset=cut'],
+            'unknown lm_eval task': ['--out_dir=successor', '--lm_eval_tasks=no_such_task']}[case]
     if case == 'corrupt checkpoint':
         (work / 'broken').mkdir(exist_ok=True)
         (work / 'broken' / 'ckpt.pt').write_bytes((work / 'successor' / 'ckpt.pt').read_bytes()[:5000])
@@ -257,4 +261,4 @@ def test_bad_input_is_one_line(work, case):
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith('eval.py: error:'), p.stderr
     assert {'no checkpoint': 'no checkpoint', 'corrupt checkpoint': 'cannot read', 'no dataset': 'no dataset',
-            'corrupt shard': 'truncated'}[case] in lines[0]
+            'corrupt shard': 'truncated', 'unknown lm_eval task': "unknown lm_eval task 'no_such_task'"}[case] in lines[0]
