@@ -13,6 +13,7 @@ after the first window sees at least block_size - S tokens of context (slower, l
 ce is the mean cross-entropy in nats over the scored tokens, ppl = exp(ce), and bits per byte
 bpb = (ce summed over the scored tokens) / (UTF-8 bytes of their text) / ln 2, which compares models
 with different tokenizers (GPT-2's <|endoftext|> marks a document boundary and counts 0 bytes).
+Log-probabilities are over the model's whole (possibly padded) output, as in train.py's loss.
 
 Multiple choice (--mc=PATH, llm.c's HellaSwag style): a JSONL file, one item per line,
     {"ctx": "A man is sitting on a roof. he", "endings": ["starts pulling up roofing.", ...], "label": 0}
@@ -395,7 +396,7 @@ if LM is not None:
         """lm_eval's three request types on eval.py's scorer. model_args: out_dir, ckpt, dtype;
         lm_eval's own --device and --batch_size apply."""
         def __init__(self, out_dir='out', ckpt='latest', device=device, dtype=dtype, batch_size=batch_size,
-                     max_batch_size=None, loaded=None):
+                     max_batch_size=None, loaded=None):  # lm_eval passes max_batch_size; unused
             super().__init__()
             self.model, checkpoint = loaded or load_model(out_dir, ckpt, device, DTYPES[dtype])
             self.tokenizer = checkpoint['tokenizer']
