@@ -25,6 +25,7 @@ n_shared_experts = 1
 n_activated_experts = 2
 moe_inter_dim = 256
 dropout = 0.15
+mtp_depth = 1  # V3's multi-token prediction: no extra active parameters, and sample.py drafts with it
 
 learning_rate = 6e-4
 weight_decay = 5.0
