@@ -167,7 +167,9 @@ class Engine:
         self.next_id = 0
         self.accepted, self.drafted = 0, 0
         self.sampler = None
-        use_graphs = self.device.type == 'cuda' if cuda_graphs is None else cuda_graphs
+        # graphs need static shapes all the way down: fp32 experts loop on the host (model.grouped_mm)
+        capturable = self.device.type == 'cuda' and (model.head.weight.dtype != torch.float32 or not model.moe_layers())
+        use_graphs = capturable if cuda_graphs is None else cuda_graphs
         self.graphs = self.capture_graphs() if use_graphs else None
 
     # -------------------------------------------------------------------------

@@ -152,9 +152,10 @@ def test_score_and_embed():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-@pytest.mark.parametrize('mode,speculative', [('latent', False), ('naive', False), ('latent', True)])
-def test_cuda_graphs_decode_what_eager_decodes(mode, speculative):
-    m = make(mtp_depth=1).to('cuda', torch.bfloat16)
+@pytest.mark.parametrize('mode,speculative,window', [('latent', False, 0), ('naive', False, 0), ('latent', True, 0),
+                                                     ('latent', False, 6), ('latent', True, 6)])
+def test_cuda_graphs_decode_what_eager_decodes(mode, speculative, window):
+    m = make(mtp_depth=1, attn_window=window).to('cuda', torch.bfloat16)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 90, (n,), generator=g).tolist() for n in (1, 7, 3, 12, 5)]
     params = [SamplingParams(max_tokens=30, temperature=0), SamplingParams(max_tokens=30, temperature=0.9, seed=4)] * 3

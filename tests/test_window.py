@@ -93,13 +93,12 @@ def test_window_trains_and_is_validated():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-@pytest.mark.parametrize('graphs', [False, True])
-def test_ring_cache_through_the_decode_kernel(graphs):
+def test_ring_cache_through_the_decode_kernel():
     """On CUDA the ring of the window goes through ops.latent_decode (all its entries visible): each
     step's logits equal the full forward's with the band mask, past the window and past block_size."""
     m = make(6).cuda()
     chars = ''.join(chr(33 + i) for i in range(90))
-    e = Engine(m, {'kind': 'char', 'chars': chars}, max_batch=2, cuda_graphs=graphs)
+    e = Engine(m, {'kind': 'char', 'chars': chars}, max_batch=2)  # fp32 experts: no graphs
     for prompt in ([3, 4, 5], list(range(10, 30))):
         e.add_request(prompt, SamplingParams(max_tokens=40, temperature=0))
     e.step()
