@@ -1,7 +1,7 @@
 """
 Checkpoints: the one place that writes them (atomically) and the one function, load_model, that
-every script calls to get a model from wherever it lives: a checkpoint file or an out_dir
-(ckpt.pt, or best.pt with which='best').
+every script calls to get a model from wherever it lives: a checkpoint file, an out_dir
+(ckpt.pt, or best.pt with which='best') or a Hugging Face directory (config.json + safetensors).
 A checkpoint is a dict: 'model' (state dict), 'model_args' (ModelConfig fields), 'tokenizer'
 (prepare.py's description), and from train.py also optimizer, scaler, rng, iter_num, config.
 """
@@ -49,7 +49,14 @@ def read_checkpoint(path, map_location='cpu'):
 
 
 def load_model(source, which='latest', device='cpu', dtype=None):
-    """-> (model in eval mode on device/dtype, checkpoint dict without its weights)."""
+    """-> (model in eval mode on device/dtype, checkpoint dict without its weights). A directory
+    with a config.json is a Hugging Face one (hf.py): its weights keep their dtype unless dtype is given."""
+    if os.path.isfile(os.path.join(source, 'config.json')):
+        from hf import HFError, load_hf  # hf.py is an entry point above this file: imported on demand
+        try:
+            return load_hf(source, device, dtype)
+        except HFError as e:
+            raise CheckpointError(str(e)) from None
     path = checkpoint_file(source, which)
     ckpt = read_checkpoint(path)
     try:
