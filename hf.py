@@ -212,8 +212,8 @@ def hf_state_dict(state_dict, cfg):
         for hf_name, expert in hf_names(name, cfg):
             out[hf_name] = to_hf(name, state_dict[name], expert)
     if cfg.mtp_depth and cfg.score_func == 'sigmoid':
-        out[f'model.layers.{cfg.n_layer}.embed_tokens.weight'] = state_dict['embed.weight']
-        out[f'model.layers.{cfg.n_layer}.shared_head.head.weight'] = state_dict['head.weight']
+        out[f'model.layers.{cfg.n_layer}.embed_tokens.weight'] = state_dict['embed.weight'].clone()
+        out[f'model.layers.{cfg.n_layer}.shared_head.head.weight'] = state_dict['head.weight'].clone()
     return out
 
 
