@@ -254,7 +254,7 @@ def tokenizer_desc(path):
     if spec['model']['type'] == 'WordLevel':
         chars = sorted(vocab, key=vocab.get)
         if all(len(c) == 1 for c in chars) and [vocab[c] for c in chars] == list(range(len(chars))):
-            return {'kind': 'char', 'chars': chars}
+            return {'kind': 'char', 'chars': ''.join(chars)}  # as prepare.py writes it
     if spec['model']['type'] == 'BPE' and tok.get_vocab() == hf_tokenizer({'kind': 'gpt2'}).get_vocab():
         return {'kind': 'gpt2'}
     return {'kind': 'hf', 'json': tok.to_str()}  # any other: prepare.get_tokenizer runs it as it is
