@@ -4,7 +4,8 @@ SGLang load for DeepSeek-V3 (sigmoid gating) and DeepSeek-V2 (softmax gating).
 
     python hf.py export --out_dir=out --ckpt=best --hf_dir=hf-model [--max_shard_size=5GB]
     python hf.py import --hf_dir=hf-model --out_dir=out-imported
-    python hf.py random --hf_dir=v2-lite --preset=deepseek-v2-lite    # random bf16 weights, for benchmarks
+    python hf.py import --hf_dir=hf-model --out_dir=out-imported --block_size=4096   # a shorter context
+    python hf.py random --hf_dir=v2-lite --preset=deepseek-v2-lite    # transformers, random bf16 weights
 
 The directory holds config.json, model.safetensors (or shards + model.safetensors.index.json),
 generation_config.json and the tokenizer (tokenizer.json + tokenizer_config.json). Names and layouts
@@ -346,9 +347,10 @@ def weight_files(hf_dir):
         return {n: single for n in f.keys()}
 
 
-def load_hf(hf_dir, device='cpu', dtype=None):
+def load_hf(hf_dir, device='cpu', dtype=None, block_size=None):
     """-> (model in eval mode, checkpoint-like dict: model_args, tokenizer, path, dropped). Weights
-    stream shard by shard into a model allocated once, in the files' dtype unless dtype is given."""
+    stream shard by shard into a model allocated once, in the files' dtype unless dtype is given.
+    block_size caps the context (DeepSeek's configs say 163840; caches are sized by it)."""
     from safetensors import safe_open
     try:
         with open(os.path.join(hf_dir, 'config.json')) as f:
@@ -360,6 +362,8 @@ def load_hf(hf_dir, device='cpu', dtype=None):
         cfg = model_config(config)
     except KeyError as e:
         raise HFError(f"config.json has no {e.args[0]}") from None
+    if block_size:
+        cfg.block_size = min(block_size, cfg.block_size)
     dropped = []
     if cfg.mtp_depth and not any(n.startswith(f'model.layers.{cfg.n_layer}.') for n in files):
         cfg.mtp_depth = 0  # transformers' save_pretrained keeps no MTP weights
@@ -397,6 +401,43 @@ def load_hf(hf_dir, device='cpu', dtype=None):
 
 
 # -----------------------------------------------------------------------------
+# random DeepSeek-shaped directories, written by transformers itself: import and kernel benchmarks
+
+PRESETS = {  # DeepSeek-V2-Lite's config.json: 15.7B parameters, 2.4B active
+    'deepseek-v2-lite': dict(
+        model_type='deepseek_v2', vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+        n_shared_experts=2, n_routed_experts=64, routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None,
+        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method='greedy', n_group=1, topk_group=1,
+        num_experts_per_tok=6, first_k_dense_replace=1, norm_topk_prob=False, max_position_embeddings=163840,
+        rms_norm_eps=1e-6, bos_token_id=100000, eos_token_id=100001, tie_word_embeddings=False,
+        rope_parameters={'rope_type': 'yarn', 'rope_theta': 10000.0, 'factor': 40.0, 'beta_fast': 32.0,
+                         'beta_slow': 1.0, 'mscale': 0.707, 'mscale_all_dim': 0.707,
+                         'original_max_position_embeddings': 4096}),
+}
+
+
+def random_dir(hf_dir, preset, dtype=torch.bfloat16):
+    """transformers' model for a config.json dict, allocated once in dtype (no fp32 init pass),
+    weights N(0, 0.02) and norms 1, saved in 5GB shards with GPT-2's tokenizer."""
+    import transformers
+    config = transformers.AutoConfig.for_model(**preset)
+    with torch.device('meta'):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.to_empty(device='cpu')
+    saved = model.state_dict()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if 'norm' in name else p.normal_(0.0, 0.02)
+        for name, b in model.named_buffers():
+            if name in saved:  # a router's selection bias
+                b.zero_()
+    model.save_pretrained(hf_dir, max_shard_size='5GB')
+    save_tokenizer({'kind': 'gpt2'}, hf_dir, config.max_position_embeddings)
+    print(f"wrote {hf_dir}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters")
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 def main(argv):
@@ -410,7 +451,13 @@ def main(argv):
     im = sub.add_parser('import', help='a Hugging Face directory -> a checkpoint sample.py and train.py read')
     im.add_argument('--hf_dir', required=True)
     im.add_argument('--out_dir', required=True)
+    im.add_argument('--block_size', type=int, default=0, help="cap the context (0 = the config's)")
+    rnd = sub.add_parser('random', help="transformers writes a DeepSeek-shaped model with random weights")
+    rnd.add_argument('--hf_dir', required=True)
+    rnd.add_argument('--preset', default='deepseek-v2-lite', choices=sorted(PRESETS))
     args = ap.parse_args(argv)
+    if args.command == 'random':
+        return random_dir(args.hf_dir, PRESETS[args.preset])
     from checkpoint import CheckpointError, load_model, save_checkpoint
     try:
         if args.command == 'export':
@@ -418,7 +465,7 @@ def main(argv):
             notes = export(model, ckpt['tokenizer'], args.hf_dir, args.max_shard_size)
             print(f"wrote {args.hf_dir}; dropped: {'; '.join(notes)}")
         else:
-            model, ckpt = load_model(args.hf_dir)
+            model, ckpt = load_model(args.hf_dir, block_size=args.block_size or None)
             os.makedirs(args.out_dir, exist_ok=True)
             path = os.path.join(args.out_dir, 'ckpt.pt')
             save_checkpoint({'model': model.state_dict(), 'model_args': ckpt['model_args'],
