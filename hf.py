@@ -44,6 +44,10 @@ class HFError(ValueError):
     """A directory or config this project cannot read or represent; the message is one line."""
 
 
+def one_line(e):
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 # -----------------------------------------------------------------------------
 # config
 
@@ -70,7 +74,7 @@ def hf_config(cfg: ModelConfig, tokenizer=None):
              scoring_func=cfg.score_func, norm_topk_prob=v3, moe_layer_freq=1,
              hidden_act='silu', rms_norm_eps=EPS, attention_bias=False, tie_word_embeddings=cfg.tie_embeddings,
              max_position_embeddings=cfg.block_size, rope_theta=cfg.rope_theta, rope_scaling=None,
-             bos_token_id=eot, eos_token_id=eot, torch_dtype='float32')
+             bos_token_id=eot, eos_token_id=eot)
     if v3:  # interleaved RoPE pairs, as ours and DeepSeek's complex-number form
         d.update(topk_method='noaux_tc', rope_interleave=True, num_nextn_predict_layers=cfg.mtp_depth)
     else:
@@ -89,7 +93,8 @@ def model_config(d):
     need(kind in ('deepseek_v3', 'deepseek_v2'), 'model_type', "only deepseek_v3 and deepseek_v2 are supported")
     v3 = kind == 'deepseek_v3'
     need(d.get('hidden_act', 'silu') == 'silu', 'hidden_act', "only silu (SwiGLU) is supported")
-    need(not d.get('attention_bias') and not d.get('mlp_bias'), 'attention_bias', "biases are not supported")
+    need(not d.get('attention_bias'), 'attention_bias', "biases are not supported")
+    need(not d.get('mlp_bias'), 'mlp_bias', "biases are not supported")
     need(abs(d.get('rms_norm_eps', EPS) - EPS) < 1e-12, 'rms_norm_eps', f"only {EPS} is supported")
     need(d.get('moe_layer_freq', 1) == 1, 'moe_layer_freq', "only 1 (every layer after the dense ones) is supported")
     need(d.get('scoring_func', 'sigmoid' if v3 else 'softmax') == ('sigmoid' if v3 else 'softmax'), 'scoring_func',
@@ -128,7 +133,7 @@ def rope_args(d):
     theta = rope.pop('rope_theta', d.get('rope_theta', 10000.0))
     kind = rope.pop('rope_type', None) or rope.pop('type', None) or 'default'
     rope.pop('type', None)
-    field = 'rope_scaling' if 'rope_scaling' in d else 'rope_parameters'
+    field = 'rope_parameters' if d.get('rope_parameters') else 'rope_scaling'
     if kind not in ('default', 'yarn'):
         raise HFError(f"config.json {field}.rope_type={kind!r}: only default RoPE and yarn are supported")
     if not rope.pop('truncate', True) or rope.pop('attention_factor', None) is not None:
@@ -167,20 +172,13 @@ def hf_names(name, cfg):
     return [(f'model.layers.{layer}{rest[:-1]}', None)]
 
 
-def to_hf(name, tensor, expert):
-    """Our tensor (or an expert's slice) in DeepSeek's layout."""
+def relayout(name, tensor, expert):
+    """One tensor (an expert's slice of a stacked one) from our layout to DeepSeek's, or back: each
+    change is its own inverse."""
     if expert is not None:
-        return tensor[expert].T   # ours: x @ w[e]; theirs: F.linear(x, w_e)
-    if name == 'mtp.proj.weight':
-        return tensor.roll(tensor.size(0), 1)  # theirs: eh_proj([enorm(e); hnorm(h)]), ours: [h; e]
-    return tensor
-
-
-def from_hf(name, tensor, expert):
-    if expert is not None:
-        return tensor.T
-    if name == 'mtp.proj.weight':
-        return tensor.roll(tensor.size(0), 1)  # swapping the halves back
+        return tensor.T  # ours: x @ w[e]; theirs: F.linear(x, w_e)
+    if name == 'mtp.proj.weight':  # theirs: eh_proj([enorm(e); hnorm(h)]), ours: proj([hnorm(h); enorm(e)])
+        return tensor.roll(tensor.size(0), 1)
     return tensor
 
 
@@ -211,7 +209,8 @@ def hf_state_dict(state_dict, cfg):
     out = {}
     for name in exported_names(cfg):
         for hf_name, expert in hf_names(name, cfg):
-            out[hf_name] = to_hf(name, state_dict[name], expert)
+            t = state_dict[name] if expert is None else state_dict[name][expert]
+            out[hf_name] = relayout(name, t, expert)
     if cfg.mtp_depth and cfg.score_func == 'sigmoid':
         out[f'model.layers.{cfg.n_layer}.embed_tokens.weight'] = state_dict['embed.weight'].clone()
         out[f'model.layers.{cfg.n_layer}.shared_head.head.weight'] = state_dict['head.weight'].clone()
@@ -329,10 +328,6 @@ def save_tokenizer(desc, hf_dir, max_length):
 # -----------------------------------------------------------------------------
 # import
 
-def is_hf_dir(path):
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json'))
-
-
 def weight_files(hf_dir):
     """-> {DeepSeek's tensor name: file}."""
     from safetensors import safe_open
@@ -356,8 +351,10 @@ def load_hf(hf_dir, device='cpu', dtype=None, block_size=None):
         with open(os.path.join(hf_dir, 'config.json')) as f:
             config = json.load(f)
         files = weight_files(hf_dir)
-    except (OSError, ValueError, KeyError) as e:
-        raise HFError(f"cannot read {hf_dir}: {type(e).__name__}: {e}") from None
+    except HFError:
+        raise
+    except Exception as e:  # unreadable JSON, safetensors' own errors
+        raise HFError(f"cannot read {hf_dir} ({one_line(e)})") from None
     try:
         cfg = model_config(config)
     except KeyError as e:
@@ -368,6 +365,10 @@ def load_hf(hf_dir, device='cpu', dtype=None, block_size=None):
     if cfg.mtp_depth and not any(n.startswith(f'model.layers.{cfg.n_layer}.') for n in files):
         cfg.mtp_depth = 0  # transformers' save_pretrained keeps no MTP weights
         dropped.append('num_nextn_predict_layers=1: the files hold no MTP weights')
+    tokenizer_path = os.path.join(hf_dir, 'tokenizer.json')
+    if not os.path.isfile(tokenizer_path):
+        raise HFError(f"no tokenizer.json in {hf_dir}: copy the model's tokenizer there")
+    tokenizer = tokenizer_desc(tokenizer_path)
     ours = {hf_name: (name, expert) for name in exported_names(cfg) for hf_name, expert in hf_names(name, cfg)}
     mtp_copies = {f'model.layers.{cfg.n_layer}.embed_tokens.weight', f'model.layers.{cfg.n_layer}.shared_head.head.weight'}
     unexpected = sorted(set(files) - set(ours) - mtp_copies)
@@ -379,24 +380,23 @@ def load_hf(hf_dir, device='cpu', dtype=None, block_size=None):
         with safe_open(files[TOP_NAMES['embed.weight']], 'pt') as f:
             dtype = f.get_slice(TOP_NAMES['embed.weight']).get_dtype()
         dtype = {'BF16': torch.bfloat16, 'F16': torch.float16}.get(dtype, torch.float32)
-    model = meta_model(cfg).to_empty(device=device).to(dtype)
+    model = meta_model(cfg).to(dtype).to_empty(device=device)  # allocated once, in its dtype
     state = model.state_dict()
     for name, t in state.items():
         if name.endswith('gate.bias'):
             t.zero_()  # V2's router has none
     for file in sorted(set(files.values())):
-        with safe_open(file, 'pt', device=str(device)) as f:
-            for hf_name in f.keys():
-                if hf_name in ours:
-                    name, expert = ours[hf_name]
-                    target = state[name] if expert is None else state[name][expert]
-                    target.copy_(from_hf(name, f.get_tensor(hf_name), expert))
-    cos, sin = rope_tables(cfg.qk_rope_head_dim, cfg.block_size, cfg.rope_theta, cfg)
+        try:
+            with safe_open(file, 'pt', device=str(device)) as f:
+                for hf_name in f.keys():
+                    if hf_name in ours:
+                        name, expert = ours[hf_name]
+                        target = state[name] if expert is None else state[name][expert]
+                        target.copy_(relayout(name, f.get_tensor(hf_name), expert))
+        except Exception as e:  # safetensors' own errors, a shape that does not fit
+            raise HFError(f"cannot load {file} ({one_line(e)})") from None
+    cos, sin = rope_tables(cfg.qk_rope_head_dim, cfg.block_size, cfg.rope_theta, cfg)  # meta until now
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
-    tokenizer_path = os.path.join(hf_dir, 'tokenizer.json')
-    if not os.path.isfile(tokenizer_path):
-        raise HFError(f"no tokenizer.json in {hf_dir}: copy the model's tokenizer there")
-    tokenizer = tokenizer_desc(tokenizer_path)
     return model.eval(), {'model_args': vars(cfg).copy(), 'tokenizer': tokenizer, 'path': hf_dir, 'dropped': dropped}
 
 

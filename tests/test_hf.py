@@ -188,6 +188,10 @@ def test_a_broken_directory_is_one_clear_error(tmp_path):
     (tmp_path / 'config.json').write_text(json.dumps({**config, 'num_hidden_layers': 2}))
     with pytest.raises(CheckpointError, match='unexpected tensor'):
         load_model(str(tmp_path))
+    (tmp_path / 'model.safetensors').write_bytes(b'not safetensors')
+    with pytest.raises(CheckpointError, match='cannot read') as e:
+        load_model(str(tmp_path))
+    assert '\n' not in str(e.value)
 
 
 def test_train_starts_from_an_hf_directory(tmp_path):
