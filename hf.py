@@ -15,7 +15,6 @@ directly, so sample.py/train.py take it wherever they take a checkpoint.
 """
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -91,6 +90,7 @@ def model_config(d):
             raise HFError(f"config.json {field}={d.get(field)!r}: {why}")
     kind = d.get('model_type')
     need(kind in ('deepseek_v3', 'deepseek_v2'), 'model_type', "only deepseek_v3 and deepseek_v2 are supported")
+    need('quantization_config' not in d, 'quantization_config', "quantized (fp8) weights: dequantize to bf16 first")
     v3 = kind == 'deepseek_v3'
     need(d.get('hidden_act', 'silu') == 'silu', 'hidden_act', "only silu (SwiGLU) is supported")
     need(not d.get('attention_bias'), 'attention_bias', "biases are not supported")
@@ -138,11 +138,11 @@ def rope_args(d):
         raise HFError(f"config.json {field}.rope_type={kind!r}: only default RoPE and yarn are supported")
     if not rope.pop('truncate', True) or rope.pop('attention_factor', None) is not None:
         raise HFError(f"config.json {field}: only yarn's default truncate and attention_factor are supported")
+    unknown = sorted(set(rope) - (set(YARN_KEYS) if kind == 'yarn' else set()))
+    if unknown:
+        raise HFError(f"config.json {field}.{unknown[0]}: not a {kind} RoPE parameter this project supports")
     args = {'rope_theta': float(theta)}
     if kind == 'yarn':
-        unknown = sorted(set(rope) - set(YARN_KEYS))
-        if unknown:
-            raise HFError(f"config.json {field}.{unknown[0]}: not a yarn parameter this project supports")
         if rope.get('factor') is None:  # transformers' rule: the context ratio
             rope['factor'] = d['max_position_embeddings'] / rope['original_max_position_embeddings']
         args.update({ours: rope[k] for k, ours in YARN_KEYS.items() if rope.get(k) is not None})

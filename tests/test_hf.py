@@ -24,6 +24,7 @@ TINY = dict(vocab_size=96, block_size=32, n_layer=3, n_embd=32, n_head=2, kv_lor
             n_shared_experts=1, n_activated_experts=2, moe_inter_dim=16, n_expert_groups=2, n_limited_groups=1)
 V3 = dict(score_func='sigmoid', mtp_depth=1, q_lora_rank=16, route_scale=2.5)
 V2 = dict(score_func='softmax', bias_update_speed=0.0)
+YARN = dict(rope_scaling_factor=4.0, rope_original_max_position=8, rope_mscale=0.707, rope_mscale_all_dim=0.707)
 CHARS = {'kind': 'char', 'chars': ''.join(sorted(set("\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")))}
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak."
 
@@ -61,7 +62,8 @@ def test_mtp_is_dropped_where_v2_has_no_place_for_it(tmp_path):
 
 @pytest.mark.parametrize('arch', [V3, V2], ids=['v3', 'v2'])
 def test_transformers_greedy_generate_matches_ours(arch, tmp_path):
-    ours = tiny_model(**arch, vocab_size=len(CHARS['chars']))  # no padded ids: both argmax over the same set
+    # no padded ids, so both argmax over the same set; YaRN through the latent cache and decode path
+    ours = tiny_model(**arch, **YARN, vocab_size=len(CHARS['chars']))
     hf.export(ours, CHARS, tmp_path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     prompt = torch.randint(0, len(CHARS['chars']), (2, 6))
@@ -144,6 +146,7 @@ def test_a_foreign_tokenizer_is_used_as_it_is(tmp_path):
     ('model_type', 'llama'), ('hidden_act', 'gelu'), ('rope_interleave', False), ('norm_topk_prob', False),
     ('topk_method', 'greedy'), ('rms_norm_eps', 1e-5), ('num_nextn_predict_layers', 2),
     ('rope_scaling', {'type': 'linear', 'factor': 2.0}), ('rope_scaling', {'type': 'yarn', 'factor': 2.0, 'foo': 1}),
+    ('quantization_config', {'quant_method': 'fp8'}),
 ])
 def test_unrepresentable_config_is_refused_by_name(field, value):
     config, _ = hf.hf_config(tiny_model(**V3).cfg)
