@@ -35,7 +35,8 @@ LAYER_NAMES = [('attn_norm', 'input_layernorm'), ('ffn_norm', 'post_attention_la
                ('wq_b', 'q_b_proj'), ('wkv_a', 'kv_a_proj_with_mqa'), ('kv_norm', 'kv_a_layernorm'),
                ('wkv_b', 'kv_b_proj'), ('wo', 'o_proj'), ('w1', 'gate_proj'), ('w3', 'up_proj'), ('w2', 'down_proj'),
                ('gate.bias', 'gate.e_score_correction_bias')]
-TOP_NAMES = {'embed.weight': 'model.embed_tokens.weight', 'norm.weight': 'model.norm.weight', 'head.weight': 'lm_head.weight'}
+TOP_NAMES = {'embed.weight': 'model.embed_tokens.weight', 'norm.weight': 'model.norm.weight',
+             'head.weight': 'lm_head.weight'}
 MTP_NAMES = {'hnorm': 'hnorm', 'enorm': 'enorm', 'proj': 'eh_proj', 'norm': 'shared_head.norm'}
 STACKED = {'w1': 'gate_proj', 'w3': 'up_proj', 'w2': 'down_proj'}
 
@@ -115,7 +116,8 @@ def model_config(d):
                 n_dense_layers=min(d.get('first_k_dense_replace') or 0, d['num_hidden_layers']) if experts else 0,
                 dense_inter_dim=d['intermediate_size'], n_routed_experts=experts,
                 n_shared_experts=d.get('n_shared_experts') or 0,
-                n_activated_experts=d.get('num_experts_per_tok') or 1, moe_inter_dim=d.get('moe_intermediate_size') or 1,
+                n_activated_experts=d.get('num_experts_per_tok') or 1,
+                moe_inter_dim=d.get('moe_intermediate_size') or 1,
                 score_func='sigmoid' if v3 else 'softmax', route_scale=d.get('routed_scaling_factor', 1.0),
                 n_expert_groups=1 if greedy else d.get('n_group') or 1,
                 n_limited_groups=1 if greedy else d.get('topk_group') or 1,
@@ -372,7 +374,7 @@ def load_hf(hf_dir, device='cpu', dtype=None, block_size=None):
         raise HFError(f"no tokenizer.json in {hf_dir}: copy the model's tokenizer there")
     tokenizer = tokenizer_desc(tokenizer_path)
     ours = {hf_name: (name, expert) for name in exported_names(cfg) for hf_name, expert in hf_names(name, cfg)}
-    mtp_copies = {f'model.layers.{cfg.n_layer}.embed_tokens.weight', f'model.layers.{cfg.n_layer}.shared_head.head.weight'}
+    mtp_copies = {f'model.layers.{cfg.n_layer}.{n}.weight' for n in ('embed_tokens', 'shared_head.head')}
     unexpected = sorted(set(files) - set(ours) - mtp_copies)
     missing = sorted(set(ours) - set(files))
     if unexpected or missing:
@@ -449,7 +451,8 @@ def main(argv):
     ex.add_argument('--out_dir', required=True, help="train.py's out_dir (or a checkpoint file)")
     ex.add_argument('--ckpt', default='latest', choices=['latest', 'best'])
     ex.add_argument('--hf_dir', required=True)
-    ex.add_argument('--max_shard_size', default='5GB', type=parse_size, help='split model.safetensors past this size (e.g. 500MB)')
+    ex.add_argument('--max_shard_size', default='5GB', type=parse_size,
+                    help='split model.safetensors past this size (e.g. 500MB)')
     im = sub.add_parser('import', help='a Hugging Face directory -> a checkpoint sample.py and train.py read')
     im.add_argument('--hf_dir', required=True)
     im.add_argument('--out_dir', required=True)

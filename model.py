@@ -115,7 +115,8 @@ def rope_tables(head_dim, block_size, theta, cfg=None):
     if cfg is not None and cfg.rope_scaling_factor > 1:
         f = cfg.rope_scaling_factor
         def dim_of(rotations):  # the dimension that turns `rotations` times over the original context
-            return head_dim * math.log(cfg.rope_original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+            wavelength = cfg.rope_original_max_position / rotations
+            return head_dim * math.log(wavelength / (2 * math.pi)) / (2 * math.log(theta))
         low = max(math.floor(dim_of(cfg.rope_beta_fast)), 0)
         high = min(math.ceil(dim_of(cfg.rope_beta_slow)), head_dim - 1)
         ramp = ((torch.arange(head_dim // 2).float() - low) / max(high - low, 0.001)).clamp(0, 1)
@@ -193,7 +194,8 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = nn.Linear(H * cfg.v_head_dim, D, bias=False)
         # YaRN sharpens attention over the longer context: DeepSeek's mscale^2 on the softmax scale
-        self.softmax_scale = cfg.qk_head_dim ** -0.5 * yarn_mscale(cfg.rope_scaling_factor, cfg.rope_mscale_all_dim) ** 2
+        mscale = yarn_mscale(cfg.rope_scaling_factor, cfg.rope_mscale_all_dim)
+        self.softmax_scale = cfg.qk_head_dim ** -0.5 * mscale ** 2
         self.dropout = cfg.dropout
         self.cache, self.latent = None, False
 

@@ -25,7 +25,7 @@ TINY = dict(vocab_size=96, block_size=32, n_layer=3, n_embd=32, n_head=2, kv_lor
 V3 = dict(score_func='sigmoid', mtp_depth=1, q_lora_rank=16, route_scale=2.5)
 V2 = dict(score_func='softmax', bias_update_speed=0.0)
 YARN = dict(rope_scaling_factor=4.0, rope_original_max_position=8, rope_mscale=0.707, rope_mscale_all_dim=0.707)
-CHARS = {'kind': 'char', 'chars': ''.join(sorted(set("\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")))}
+CHARS = {'kind': 'char', 'chars': "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"}  # sorted, as prepare.py
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak."
 
 
@@ -112,7 +112,8 @@ def test_random_directory_imports(tmp_path):
     preset['rope_parameters'] = {**preset['rope_parameters'], 'original_max_position_embeddings': 16, 'factor': 4.0}
     hf.random_dir(tmp_path, preset)
     ours, ckpt = load_model(str(tmp_path), block_size=32)
-    assert ours.cfg.block_size == 32 and ours.head.weight.dtype == torch.bfloat16 and ckpt['tokenizer'] == {'kind': 'gpt2'}
+    assert ours.cfg.block_size == 32 and ours.head.weight.dtype == torch.bfloat16
+    assert ckpt['tokenizer'] == {'kind': 'gpt2'}
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     idx = torch.randint(0, 96, (1, 32))
     with torch.no_grad():
@@ -207,7 +208,8 @@ def test_train_starts_from_an_hf_directory(tmp_path):
     ours = tiny_model(**V3)
     hf.export(ours, tokenizer, tmp_path / 'hfdir')
     p = run(REPO / 'train.py', '--init_from=hf:hfdir', '--dataset=shakespeare_char', '--out_dir=run', '--max_iters=1',
-            '--eval_interval=1', '--eval_iters=1', '--batch_size=2', '--block_size=32', '--compile=False', '--learning_rate=1e-4',
+            '--eval_interval=1', '--eval_iters=1', '--batch_size=2', '--block_size=32', '--compile=False',
+            '--learning_rate=1e-4',
             '--warmup_iters=0', '--dropout=0.1', '--device=cpu', cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     run_model, ckpt = load_model(str(tmp_path / 'run'))
