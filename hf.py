@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from model import ModelConfig, Transformer, rope_tables
+from model import ModelConfig, Transformer
 from prepare import HF_EOT, eot_of, gpt2_vocab_files, hf_tokenizer
 
 EPS = 1e-6  # every RMSNorm here
@@ -399,8 +399,7 @@ def load_hf(hf_dir, device='cpu', dtype=None, block_size=None):
                         target.copy_(relayout(name, f.get_tensor(hf_name), expert))
         except Exception as e:  # safetensors' own errors, a shape that does not fit
             raise HFError(f"cannot load {file} ({one_line(e)})") from None
-    cos, sin = rope_tables(cfg.qk_rope_head_dim, cfg.block_size, cfg.rope_theta, cfg)  # meta until now
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    model.set_positions(cfg.block_size)  # the RoPE tables: meta until now
     return model.eval(), {'model_args': vars(cfg).copy(), 'tokenizer': tokenizer, 'path': hf_dir, 'dropped': dropped}
 
 
