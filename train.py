@@ -36,7 +36,7 @@ log_interval = 10
 eval_iters = 50
 eval_only = False
 always_save_checkpoint = True  # ckpt.pt at every eval; False: only when val loss improves
-init_from = 'scratch'           # 'scratch', 'resume' (from out_dir/ckpt.pt), or 'hf:DIR' (a Hugging Face directory's weights)
+init_from = 'scratch'           # 'scratch', 'resume' (out_dir/ckpt.pt), or 'hf:DIR' (a Hugging Face directory)
 tensorboard = False             # scalars and expert-load histograms to out_dir/tb
 # data
 dataset = 'shakespeare'

@@ -25,7 +25,8 @@ TINY = dict(vocab_size=96, block_size=32, n_layer=3, n_embd=32, n_head=2, kv_lor
 V3 = dict(score_func='sigmoid', mtp_depth=1, q_lora_rank=16, route_scale=2.5)
 V2 = dict(score_func='softmax', bias_update_speed=0.0)
 YARN = dict(rope_scaling_factor=4.0, rope_original_max_position=8, rope_mscale=0.707, rope_mscale_all_dim=0.707)
-CHARS = {'kind': 'char', 'chars': "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"}  # sorted, as prepare.py
+# sorted, as prepare.py writes it
+CHARS = {'kind': 'char', 'chars': "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"}
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak."
 
 
