@@ -1,7 +1,7 @@
 """
 Checkpoints: the one place that writes them (atomically) and the one function, load_model, that
-every script calls to get a model from wherever it lives: a checkpoint file or an out_dir
-(ckpt.pt, or best.pt with which='best').
+every script calls to get a model from wherever it lives: a checkpoint file, an out_dir
+(ckpt.pt, or best.pt with which='best') or a Hugging Face directory (config.json + safetensors).
 A checkpoint is a dict: 'model' (state dict), 'model_args' (ModelConfig fields), 'tokenizer'
 (prepare.py's description), and from train.py also optimizer, scaler, rng, iter_num, config.
 """
@@ -48,11 +48,21 @@ def read_checkpoint(path, map_location='cpu'):
     return ckpt
 
 
-def load_model(source, which='latest', device='cpu', dtype=None):
-    """-> (model in eval mode on device/dtype, checkpoint dict without its weights)."""
+def load_model(source, which='latest', device='cpu', dtype=None, block_size=None):
+    """-> (model in eval mode on device/dtype, checkpoint dict without its weights). A directory
+    with a config.json is a Hugging Face one (hf.py): its weights keep their dtype unless dtype is
+    given. block_size caps the context the model (and so its caches) is built for."""
+    if os.path.isfile(os.path.join(source, 'config.json')):
+        from hf import HFError, load_hf  # hf.py is an entry point above this file: imported on demand
+        try:
+            return load_hf(source, device, dtype, block_size)
+        except HFError as e:
+            raise CheckpointError(str(e)) from None
     path = checkpoint_file(source, which)
     ckpt = read_checkpoint(path)
     try:
+        if block_size:  # RoPE tables are rebuilt, never stored: any shorter context loads
+            ckpt['model_args'] = {**ckpt['model_args'], 'block_size': min(block_size, ckpt['model_args']['block_size'])}
         model = Transformer(ModelConfig(**ckpt['model_args']))
         model.load_state_dict(ckpt.pop('model'))
     except (TypeError, ValueError, RuntimeError) as e:

