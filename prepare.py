@@ -395,6 +395,13 @@ def tokenize_conversation(messages, encode, eot):
     flags[0] |= DOC_START
     return tokens, flags
 
+def sft_window(tokens, flags):
+    """A window of T + 1 tokens of instruction data and their flags -> (x, y, doc_ids), each [T]:
+    targets are -1 (no loss) outside responses, doc_ids number the examples from the window's start."""
+    tokens, flags = np.asarray(tokens, dtype=np.int64), np.asarray(flags, dtype=np.int64)
+    y = np.where(flags[1:] & LOSS, tokens[1:], -1)
+    return tokens[:-1], y, np.cumsum(flags[:-1] & DOC_START > 0)
+
 def write_instruction_splits(out, convs, encode, eot, args):
     """Token shards and their masks; val is the last val_fraction of the examples."""
     pairs = [tokenize_conversation(m, encode, eot) for m in convs]
