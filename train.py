@@ -449,7 +449,8 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    if isinstance(load, torch.Tensor):  # the auxiliary-loss-free bias update, same on every rank
+    # the auxiliary-loss-free bias update, same on every rank; a LoRA run leaves the base (biases too) as it is
+    if isinstance(load, torch.Tensor) and lora_run is None:
         if ddp:
             dist.all_reduce(load)
         raw_model.update_router_biases(load)
