@@ -17,6 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from checkpoint import CheckpointError, check_model_args, load_model  # noqa: E402
+from engine import Engine, SamplingParams  # noqa: E402
 from lora import add_lora, lora_state_dict, merged_state_dict, num_trainable  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 import prepare  # noqa: E402
@@ -187,12 +188,11 @@ def finetune(d, *args, check=True):
 
 
 def answers(source, words):
-    """Greedy answers to the held-out prompts (all the same length, so one batch)."""
+    """Greedy answers to the held-out prompts, up to the template's END."""
     model, ckpt = load_model(source)
-    encode, decode = get_tokenizer(ckpt['tokenizer'])
-    prompts = torch.tensor([encode(chat_template(chat(w))) for w in words])
-    out = model.generate(prompts, len(words[0]) + len(END), temperature=0)[:, prompts.size(1):]
-    return [decode(row).split(END)[0] for row in out.tolist()]
+    engine = Engine(model, ckpt['tokenizer'], max_batch=len(words), cuda_graphs=False)
+    params = SamplingParams(max_tokens=len(words[0]) + len(END), temperature=0.0, stop=(END,))
+    return [r.text for r in engine.generate([engine.encode(chat_template(chat(w))) for w in words], params)]
 
 
 def exact_match(source, words, want):
