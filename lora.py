@@ -22,6 +22,7 @@ import argparse
 import math
 import os
 import sys
+import types
 
 import torch
 import torch.nn as nn
@@ -72,7 +73,7 @@ def add_lora(model, rank, alpha, dropout, targets):
         raise ValueError(f"lora_targets {','.join(unknown)}: not one of {','.join(TARGETS)}" if unknown
                          else f"lora_rank={rank}: must be > 0")
     model.requires_grad_(False)
-    adapted = []
+    targets, adapted = list(dict.fromkeys(targets)), []  # a name given twice adapts once
     for name, module in list(model.named_modules()):
         if name.startswith('mtp.'):
             continue
@@ -84,7 +85,7 @@ def add_lora(model, rank, alpha, dropout, targets):
             elif isinstance(module, MoE) and isinstance(target, nn.Parameter):
                 E, d_in, d_out = target.shape
                 module.add_module(f'lora_{attr}', LoRA(d_in, d_out, rank, alpha, dropout, n_experts=E))
-                module.expert_mm = expert_mm_with_lora.__get__(module)
+                module.expert_mm = types.MethodType(expert_mm_with_lora, module)  # this MoE's matmuls add it
             else:
                 continue
             adapted.append(f'{name}.{attr}')

@@ -266,9 +266,8 @@ if activation_checkpointing:  # keep only each block's input; recompute the rest
         block.forward = partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 if master:
     print(f"parameters: {model.num_params() / 1e6:.2f}M total, {model.num_params(active=True) / 1e6:.2f}M active per token")
-    trainable = num_trainable(model)
-    print(f"trainable: {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters "
-          f"({trainable / sum(p.numel() for p in model.parameters()):.2%})")
+    trainable, total = num_trainable(model), sum(p.numel() for p in model.parameters())
+    print(f"trainable: {trainable:,} of {total:,} parameters ({trainable / total:.2%})")
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
@@ -292,7 +291,8 @@ eval_model = model.module if ddp else model  # no DDP hooks for forward-only pas
 
 
 def save_run(name):
-    ckpt = {'model': lora_state_dict(raw_model) if lora_run else raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+    weights = lora_state_dict(raw_model) if lora_run else raw_model.state_dict()  # LoRA: the adapters alone
+    ckpt = {'model': weights, 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
             'tokenizer': meta['tokenizer'], **({'lora': lora_run} if lora_run else {}),
             'rng': {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}}
