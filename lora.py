@@ -12,9 +12,11 @@ The MTP block is left alone (a training aid, unused at inference).
 Why not peft for training: peft adapts nn.Linear (and a few other module types) by wrapping them;
 the routed experts here are stacked nn.Parameters used through grouped matmuls, which it cannot
 reach, and its wrappers rename the base weights that checkpoints and the latent decode path read.
-The ~60 lines below cover every target and leave the base's names alone. peft's *format* is what
-`python lora.py peft` writes for the Hugging Face export (adapter_config.json +
-adapter_model.safetensors), so that peft applies the adapters to the exported model.
+The ~60 lines below cover every target and leave the base's names alone. peft's *format*
+(adapter_config.json + adapter_model.safetensors) is the one to export to for the Hugging Face
+counterparts: A and B transposed (lora_A.weight [r, in], lora_B.weight [out, r]) under hf.py's names
+for the attention and dense/shared MLP projections; transformers' DeepSeek-V3 fuses the routed
+experts into 3-D gate_up_proj/down_proj tensors, which have no per-expert nn.Linear to target.
 
     python lora.py merge --out_dir=out-lora --to=out-merged   # base + adapters -> a plain checkpoint
 """
