@@ -77,11 +77,11 @@ def load_with_adapters(ckpt, path):
     base frozen, adapters trainable."""
     base = ckpt['lora']['base']
     if not os.path.isfile(base):
-        raise CheckpointError(f"{path}: its base checkpoint {base} is missing (merge with `python lora.py merge` "
-                              "to make a checkpoint that needs no base)")
+        raise CheckpointError(f"{path}: its base checkpoint {base} is missing: restore it (adapters only fit "
+                              "their base; `python lora.py merge` makes a checkpoint that needs none)")
     if sha256_files([base]) != ckpt['lora']['base_sha256']:
         raise CheckpointError(f"{path}: its base checkpoint {base} has changed since the adapters were trained "
-                              "(sha256 differs); point at an unchanged copy")
+                              "(sha256 differs): restore that file; adapters only fit the weights they were trained on")
     model = Transformer(ModelConfig(**ckpt['model_args']))  # the run's own training fields (dropout)
     model.load_state_dict(load_model(base)[0].state_dict())
     try:

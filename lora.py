@@ -29,6 +29,7 @@ import types
 import torch
 import torch.nn as nn
 
+from flags import usage_error
 from model import MoE, grouped_mm
 
 TARGETS = ('wq', 'wq_a', 'wq_b', 'wkv_a', 'wkv_b', 'wo', 'wqkv', 'w1', 'w2', 'w3')
@@ -163,5 +164,5 @@ def merge_main(argv):
 if __name__ == '__main__':
     commands = {'merge': merge_main}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        sys.exit(f"usage: python lora.py {'|'.join(commands)} --out_dir=... (see the docstring)")
+        usage_error('lora.py', f"usage: python lora.py {'|'.join(commands)} --out_dir=... --to=...")
     commands[sys.argv[1]](sys.argv[2:])

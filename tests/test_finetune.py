@@ -257,3 +257,17 @@ def test_full_finetune_with_activation_checkpointing_matches(pretrained):
     assert [r['loss'] for r in plain] == [r['loss'] for r in recomputed] and len(plain) == 3
     a = torch.load(d / 'full' / 'ckpt.pt', weights_only=False)
     assert 'lora' not in a and a['model_args']['dropout'] == 0.1  # a training field may change
+
+
+def test_adapters_refuse_a_changed_base(pretrained):
+    d, _, _ = pretrained
+    finetune(d, '--out_dir=tiny_lora', '--lora_rank=2', '--max_iters=1', '--eval_interval=1')
+    base = d / 'base' / 'ckpt.pt'
+    saved = base.read_bytes()
+    torch.save({**torch.load(base, weights_only=False), 'iter_num': -1}, base)
+    try:
+        with pytest.raises(CheckpointError, match='has changed since the adapters were trained'):
+            load_model(d / 'tiny_lora')
+    finally:
+        base.write_bytes(saved)
+    assert load_model(d / 'tiny_lora')[1]['lora']['config']['rank'] == 2
