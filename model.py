@@ -463,7 +463,8 @@ class Transformer(nn.Module):
     def mtp_loss(self, h, idx, targets, attn_mask=None):
         T = idx.size(1) - 1
         attn_mask = None if attn_mask is None else attn_mask[..., :-1, :-1]
-        logits = self.head(self.mtp(h[:, :-1], self.embed(idx[:, 1:]), *self.rope_at(None, T), attn_mask=attn_mask)).float()
+        h = self.mtp(h[:, :-1], self.embed(idx[:, 1:]), *self.rope_at(None, T), attn_mask=attn_mask)
+        logits = self.head(h).float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, 1:].reshape(-1), ignore_index=-1)
 
     # -------------------------------------------------------------------------

@@ -230,7 +230,8 @@ elif init_from.startswith('ckpt:'):  # a new run from trained weights
         fail(f"{init_ckpt['path']} was trained with another tokenizer than {data_dir}'s: prepare the data "
              f"with --tokenizer_from=<the model's dataset directory>")
     if lora_rank:
-        lora_config = {'rank': lora_rank, 'alpha': lora_alpha, 'dropout': lora_dropout, 'targets': lora_targets.split(',')}
+        lora_config = {'rank': lora_rank, 'alpha': lora_alpha, 'dropout': lora_dropout,
+                       'targets': lora_targets.split(',')}
         lora_run = lora_checkpoint_fields(lora_config, init_ckpt['path'])
 elif init_from != 'scratch':
     fail(f"init_from must be 'scratch', 'resume' or 'ckpt:PATH', got {init_from!r}")
@@ -258,7 +259,8 @@ else:
         except ValueError as e:
             fail(e)
         if master:
-            print(f"LoRA rank {lora_rank} on {len(adapted)} weights: {', '.join(sorted({a.rsplit('.', 1)[1] for a in adapted}))}")
+            kinds = sorted({a.rsplit('.', 1)[1] for a in adapted})
+            print(f"LoRA rank {lora_rank} on {len(adapted)} weights: {', '.join(kinds)}")
 init_model = None
 model.train().to(device)
 if activation_checkpointing:  # keep only each block's input; recompute the rest in the backward
