@@ -4,12 +4,17 @@ every script calls to get a model from wherever it lives: a checkpoint file, an 
 (ckpt.pt, or best.pt with which='best') or a Hugging Face directory (config.json + safetensors).
 A checkpoint is a dict: 'model' (state dict), 'model_args' (ModelConfig fields), 'tokenizer'
 (prepare.py's description), and from train.py also optimizer, scaler, rng, iter_num, config.
+A LoRA run's checkpoint holds only the adapters in 'model', plus 'lora': {'config': lora.add_lora's
+arguments, 'base': the base checkpoint's path, 'base_sha256': its checksum}; load_model returns
+base + adapters folded into plain weights.
 """
 import os
 
 import torch
 
-from model import ModelConfig, Transformer
+from lora import add_lora, load_lora_state, merged_state_dict
+from model import TRAINING_FIELDS, ModelConfig, Transformer
+from prepare import sha256_files
 
 FILES = {'latest': 'ckpt.pt', 'best': 'best.pt'}
 REQUIRED = ('model', 'model_args', 'tokenizer')
@@ -48,6 +53,44 @@ def read_checkpoint(path, map_location='cpu'):
     return ckpt
 
 
+def check_model_args(ckpt_args, given_args, explicitly_set):
+    """The architecture comes from the checkpoint: -> ckpt_args with the explicitly set training
+    fields (and a shorter block_size: RoPE tables are computed, not stored) applied; a set field
+    that contradicts the checkpoint's architecture is refused by name."""
+    shorter = 'block_size' in explicitly_set and given_args['block_size'] <= ckpt_args['block_size']
+    changeable = TRAINING_FIELDS + (('block_size',) if shorter else ())
+    for k in sorted(explicitly_set):
+        if k in ckpt_args and k not in changeable and given_args[k] != ckpt_args[k]:
+            raise CheckpointError(f"--{k}={given_args[k]!r} contradicts the checkpoint's {k}={ckpt_args[k]!r}: "
+                                  f"the architecture comes from the checkpoint (drop --{k})")
+    return {**ckpt_args, **{k: given_args[k] for k in explicitly_set if k in changeable}}
+
+
+def lora_checkpoint_fields(config, base_path):
+    """What a LoRA checkpoint records about its adapters and the base they belong to."""
+    return {'config': config, 'base': os.path.abspath(base_path), 'base_sha256': sha256_files([base_path])}
+
+
+def load_with_adapters(ckpt, path):
+    """A LoRA checkpoint's base (its checksum checked) with the adapters added, not folded in:
+    base frozen, adapters trainable."""
+    base = ckpt['lora']['base']
+    if not os.path.isfile(base):
+        raise CheckpointError(f"{path}: its base checkpoint {base} is missing: restore it (adapters only fit "
+                              "their base; `python lora.py merge` makes a checkpoint that needs none)")
+    if sha256_files([base]) != ckpt['lora']['base_sha256']:
+        raise CheckpointError(f"{path}: its base checkpoint {base} has changed since the adapters were trained "
+                              "(sha256 differs): restore that file; adapters only fit the weights they were trained on")
+    model = Transformer(ModelConfig(**ckpt['model_args']))  # the run's own training fields (dropout)
+    model.load_state_dict(load_model(base)[0].state_dict())
+    try:
+        add_lora(model, **ckpt['lora']['config'])
+        load_lora_state(model, ckpt['model'])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return model
+
+
 def load_model(source, which='latest', device='cpu', dtype=None, block_size=None):
     """-> (model in eval mode on device/dtype, checkpoint dict without its weights). A directory
     with a config.json is a Hugging Face one (hf.py): its weights keep their dtype unless dtype is
@@ -60,6 +103,8 @@ def load_model(source, which='latest', device='cpu', dtype=None, block_size=None
             raise CheckpointError(str(e)) from None
     path = checkpoint_file(source, which)
     ckpt = read_checkpoint(path)
+    if 'lora' in ckpt:  # base + adapters, folded into plain weights
+        ckpt['model'] = merged_state_dict(load_with_adapters(ckpt, path))
     try:
         if block_size:  # RoPE tables are rebuilt, never stored: any shorter context loads
             ckpt['model_args'] = {**ckpt['model_args'], 'block_size': min(block_size, ckpt['model_args']['block_size'])}

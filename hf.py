@@ -21,11 +21,10 @@ import sys
 
 import torch
 
-from model import ModelConfig, Transformer
+from model import TRAINING_FIELDS, ModelConfig, Transformer
 from prepare import HF_EOT, eot_of, gpt2_vocab_files, hf_tokenizer
 
 EPS = 1e-6  # every RMSNorm here
-TRAINING_ONLY = ('dropout', 'bias_update_speed', 'balance_loss_alpha', 'router_z_loss', 'mtp_lambda')
 YARN_KEYS = {'factor': 'rope_scaling_factor', 'original_max_position_embeddings': 'rope_original_max_position',
              'beta_fast': 'rope_beta_fast', 'beta_slow': 'rope_beta_slow', 'mscale': 'rope_mscale',
              'mscale_all_dim': 'rope_mscale_all_dim'}
@@ -56,7 +55,7 @@ def hf_config(cfg: ModelConfig, tokenizer=None):
     """-> (config.json dict, notes on what the format drops). Refuses what it cannot represent."""
     if cfg.attn != 'mla':
         raise HFError(f"attn={cfg.attn!r}: DeepSeek's format has only MLA attention")
-    notes = [f"{f} (training-only)" for f in TRAINING_ONLY]
+    notes = [f"{f} (training-only)" for f in TRAINING_FIELDS]
     v3 = cfg.score_func == 'sigmoid'
     if cfg.mtp_depth and not v3:
         notes.append("mtp_depth=1: DeepseekV2's format has no MTP module, its weights are dropped")

@@ -18,6 +18,10 @@ from torch.nn import functional as F
 import ops
 
 
+# ModelConfig fields that shape training, not the weights: a run from trained weights may change them
+TRAINING_FIELDS = ('dropout', 'bias_update_speed', 'balance_loss_alpha', 'router_z_loss', 'mtp_lambda')
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 50304
@@ -160,18 +164,20 @@ def visible(pos, length, window=0):
     return seen & (held > q - window) if window else seen
 
 
-def cached_attention(attn, q, k, v, cache=None, pos=None, rows=None):
+def cached_attention(attn, q, k, v, cache=None, pos=None, rows=None, attn_mask=None):
     """Causal SDPA over [B, T, H, d] tensors, banded to the last attn_window keys where a window is
     set. With a per-head K/V cache, k and v are written into it; when decoding (pos [B, T] given), the
-    queries attend to the cache up to their own positions."""
-    mask, window = None, attn.cfg.attn_window
+    queries attend to the cache up to their own positions. attn_mask [B, 1, T, T] (True = may
+    attend) replaces the causal mask: packed documents, see doc_attention_mask."""
+    mask, window = attn_mask, attn.cfg.attn_window
     if cache is not None:
         write_cache(cache, (k, v), pos, rows)
         if pos is not None:
             k, v = cache[0][:q.size(0)], cache[1][:q.size(0)]
             mask = visible(pos, k.size(1), window)[:, None]
-    if mask is None and 0 < window < k.size(1):  # training and prefill, from position 0
-        mask = visible(torch.arange(q.size(1), device=q.device)[None], k.size(1), window)
+    if pos is None and 0 < window < k.size(1):  # training and prefill, from position 0
+        band = visible(torch.arange(q.size(1), device=q.device)[None], k.size(1), window)
+        mask = band if mask is None else mask & band
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=mask, is_causal=mask is None and q.size(1) > 1,
                                        scale=attn.softmax_scale, dropout_p=attn.dropout if attn.training else 0.0)
@@ -208,7 +214,7 @@ class MLA(nn.Module):
         self.cache = tuple(torch.zeros(batch_size, length, *s, dtype=dtype, device=device) for s in shapes)
         self.latent = mode == 'latent'
 
-    def forward(self, x, cos, sin, pos=None, rows=None):
+    def forward(self, x, cos, sin, pos=None, rows=None, attn_mask=None):
         """pos [B, T]: the tokens' positions when decoding over the cache, None from position 0
         (training, prefill); rows: the cache slots a prefill writes to (default the first B)."""
         c = self.cfg
@@ -228,7 +234,7 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], -1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, c.n_head, -1)], -1)
         cache = None if self.latent else self.cache
-        return self.wo(cached_attention(self, q, k, v, cache, pos, rows).flatten(2))
+        return self.wo(cached_attention(self, q, k, v, cache, pos, rows, attn_mask).flatten(2))
 
     def latent_attention(self, q_nope, q_pe, pos):
         """Decoding with the up-projections absorbed (V2 sec. 2.1.2): W_UK folds into the query, so
@@ -269,11 +275,11 @@ class MHA(nn.Module):
         shape = (batch_size, length, self.cfg.n_head, self.head_dim)
         self.cache = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
-    def forward(self, x, cos, sin, pos=None, rows=None):
+    def forward(self, x, cos, sin, pos=None, rows=None, attn_mask=None):
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).view(B, T, 3, self.cfg.n_head, self.head_dim).unbind(2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.wo(cached_attention(self, q, k, v, self.cache, pos, rows).flatten(2))
+        return self.wo(cached_attention(self, q, k, v, self.cache, pos, rows, attn_mask).flatten(2))
 
 
 class MLP(nn.Module):
@@ -347,13 +353,18 @@ class MoE(nn.Module):
         x_sorted, offsets, row_map = ops.moe_permute(x, indices, c.n_routed_experts)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x_sorted = x_sorted.to(dtype)
-        h = F.silu(grouped_mm(x_sorted, self.w1.to(dtype), offsets)) * grouped_mm(x_sorted, self.w3.to(dtype), offsets)
-        y = ops.moe_unpermute(grouped_mm(h, self.w2.to(dtype), offsets), row_map, weights)
+        h = F.silu(self.expert_mm(x_sorted, 'w1', offsets)) * self.expert_mm(x_sorted, 'w3', offsets)
+        y = ops.moe_unpermute(self.expert_mm(h, 'w2', offsets), row_map, weights)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         load = torch.diff(offsets, prepend=offsets.new_zeros(1)).float()  # tokens per expert
         aux = self.aux_losses(scores, logits, indices, B, T) if self.training else None
         return y.view(B, T, D), aux, load
+
+    def expert_mm(self, x, name, offsets):
+        """Rows sorted by expert times each expert's stacked weight `name` (w1, w2, w3); the seam
+        where lora.py adds its per-expert low-rank term."""
+        return grouped_mm(x, getattr(self, name).to(x.dtype), offsets)
 
     def aux_losses(self, scores, logits, indices, B, T):
         """V3's sequence-wise balance loss alpha * sum_i f_i P_i, and the router z-loss."""
@@ -376,9 +387,9 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.n_embd, cfg.dense_inter_dim)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, pos=None, rows=None):
+    def forward(self, x, cos, sin, pos=None, rows=None, attn_mask=None):
         """-> x, (balance loss, z loss) or None, expert load or None"""
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, pos, rows))
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, pos, rows, attn_mask))
         if isinstance(self.ffn, MLP):
             return x + self.drop(self.ffn(self.ffn_norm(x))), None, None
         y, aux, load = self.ffn(self.ffn_norm(x))
@@ -396,11 +407,11 @@ class MTP(nn.Module):
         self.block = Block(cfg, cfg.n_layer)
         self.norm = nn.RMSNorm(cfg.n_embd, eps=1e-6)
 
-    def forward(self, h, e, cos, sin, pos=None, rows=None):
+    def forward(self, h, e, cos, sin, pos=None, rows=None, attn_mask=None):
         """h: the main model's hidden states at positions i, e: embeddings of tokens i+1 -> the
         normed states that the shared head turns into predictions of tokens i+2."""
         x = self.proj(torch.cat([self.hnorm(h), self.enorm(e)], -1))
-        return self.norm(self.block(x, cos, sin, pos, rows)[0])
+        return self.norm(self.block(x, cos, sin, pos, rows, attn_mask)[0])
 
 
 class Transformer(nn.Module):
@@ -443,7 +454,7 @@ class Transformer(nn.Module):
             return self.rope_cos[:T, None], self.rope_sin[:T, None]
         return self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)
 
-    def trunk(self, idx, pos=None, rows=None):
+    def trunk(self, idx, pos=None, rows=None, attn_mask=None):
         """-> hidden states before the final norm [B, T, D], aux losses, expert loads. pos [B, T]
         when decoding over the caches (see MLA.forward), rows: the cache slots a prefill fills."""
         T = idx.size(1)
@@ -452,22 +463,24 @@ class Transformer(nn.Module):
         cos, sin = self.rope_at(pos, T)
         h, aux, loads = self.drop(self.embed(idx)), [], []
         for layer in self.layers:
-            h, layer_aux, load = layer(h, cos, sin, pos, rows)
+            h, layer_aux, load = layer(h, cos, sin, pos, rows, attn_mask)
             if layer_aux is not None:
                 aux.append(layer_aux)
             if load is not None:
                 loads.append(load)
         return h, aux, loads
 
-    def forward(self, idx, targets=None, start_pos=0):
+    def forward(self, idx, targets=None, start_pos=0, doc_ids=None):
         """-> logits, loss, stats. With targets: logits at every position, the training loss, and
         stats = its parts plus the expert loads [n_moe_layers, E]; without: last-position logits.
-        start_pos > 0 decodes over the caches (setup_cache) from that position."""
+        start_pos > 0 decodes over the caches (setup_cache) from that position. doc_ids [B, T]:
+        packed examples; a token attends only to earlier tokens of its own document."""
         B, T = idx.shape
         if start_pos + T > self.rope_cos.size(0):  # block_size, unless set_positions made more
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size {self.cfg.block_size}")
         pos = (start_pos + torch.arange(T, device=idx.device)).expand(B, T) if start_pos else None
-        h, aux, loads = self.trunk(idx, pos)
+        attn_mask = None if doc_ids is None else doc_attention_mask(doc_ids)
+        h, aux, loads = self.trunk(idx, pos, attn_mask=attn_mask)
         if targets is None:
             return self.head(self.norm(h[:, [-1]])).float(), None, None
         logits = self.head(self.norm(h)).float()
@@ -475,14 +488,16 @@ class Transformer(nn.Module):
         zero = stats['ce'].new_zeros(())
         stats['balance'] = sum((a[0] for a in aux), zero)
         stats['z'] = sum((a[1] for a in aux), zero)
-        stats['mtp'] = self.mtp_loss(h, idx, targets) if self.mtp is not None else zero
+        stats['mtp'] = self.mtp_loss(h, idx, targets, attn_mask) if self.mtp is not None else zero
         loss = stats['ce'] + stats['balance'] + stats['z'] + self.cfg.mtp_lambda * stats['mtp']
         stats['load'] = torch.stack(loads) if loads else None
         return logits, loss, stats
 
-    def mtp_loss(self, h, idx, targets):
+    def mtp_loss(self, h, idx, targets, attn_mask=None):
         T = idx.size(1) - 1
-        logits = self.head(self.mtp(h[:, :-1], self.embed(idx[:, 1:]), *self.rope_at(None, T))).float()
+        attn_mask = None if attn_mask is None else attn_mask[..., :-1, :-1]
+        h = self.mtp(h[:, :-1], self.embed(idx[:, 1:]), *self.rope_at(None, T), attn_mask=attn_mask)
+        logits = self.head(h).float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, 1:].reshape(-1), ignore_index=-1)
 
     # -------------------------------------------------------------------------
@@ -550,6 +565,14 @@ class Transformer(nn.Module):
 
     def cache_values_per_token(self):
         return sum(t[0, 0].numel() for layer in self.layers if layer.attn.cache for t in layer.attn.cache)
+
+
+def doc_attention_mask(doc_ids):
+    """doc_ids [B, T] -> [B, 1, T, T] block-diagonal causal mask. RoPE scores depend only on
+    relative positions, so a packed document sees exactly what it would see alone."""
+    T = doc_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
 
 
 def bf16_peak_flops(device):

@@ -7,10 +7,14 @@ Tokenize a text corpus into uint16 token shards for train.py.
     python prepare.py fw --hf HuggingFaceFW/fineweb --hf_config sample-10BT
     python prepare.py mybpe --input corpus.txt --tokenizer=bpe --bpe_vocab_size=20000
     python prepare.py smol --input 'books/*.txt' --tokenizer=path/to/tokenizer.json
+    python prepare.py sft --input data.jsonl --format=alpaca   # or --format=chat: instruction data
 
 Writes data/NAME/{train,val}_000.bin, ... and data/NAME/meta.json (plus data/NAME/tokenizer.json for
 a Hugging Face tokenizer, whose text meta.json also holds, so every checkpoint carries its tokenizer).
 Shards use llm.c's format: 256 int32 header [magic, version, ntok, 0...], then ntok uint16.
+Instruction data also gets SPLIT_000.mask.bin beside each shard: the same header (magic
+MASK_MAGIC), then one uint8 per token: bit 0 (LOSS) = the token is part of a response and carries
+loss as a target, bit 1 (DOC_START) = the token starts an example (attention stays inside it).
 """
 import argparse
 import glob
@@ -36,6 +40,7 @@ VOCAB_BPE_SHA256 = '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 ENCODER_JSON_SHA256 = '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'
 EOT = 50256  # GPT-2 <|endoftext|>, put in front of every document (as llm.c does)
 MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 256 * 4
+MASK_MAGIC, LOSS, DOC_START = 20240521, 1, 2
 SHAKESPEARE = {'shakespeare': 'gpt2', 'shakespeare_char': 'char'}  # NAME -> tokenizer
 DATASETS_EXTS = {'.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}
 HF_EOT = '<|endoftext|>'  # the special token a trained BPE gets (and SmolLM2's, GPT-2's)
@@ -126,38 +131,45 @@ def check_vocab_size(vocab_size):
 # -----------------------------------------------------------------------------
 # shards
 
-def write_shard(path, tokens):
+def write_shard(path, tokens, magic=MAGIC, dtype='<u2'):
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
         raise ValueError(f"{path}: token ids must be in [0, 65535], got [{tokens.min()}, {tokens.max()}]")
     header = np.zeros(256, dtype='<i4')
-    header[:3] = MAGIC, VERSION, len(tokens)
+    header[:3] = magic, VERSION, len(tokens)
     tmp = f'{path}.tmp'  # write then rename, so a crash never leaves a half shard behind
     with open(tmp, 'wb') as f:
         f.write(header.tobytes())
-        f.write(tokens.astype('<u2').tobytes())
+        f.write(tokens.astype(dtype).tobytes())
     os.replace(tmp, path)
 
-def read_shard(path):
-    size = os.path.getsize(path)
+def write_mask(path, flags):
+    write_shard(path, flags, MASK_MAGIC, '<u1')
+
+def read_shard(path, magic=MAGIC, dtype='<u2'):
+    size, width = os.path.getsize(path), np.dtype(dtype).itemsize
     if size < HEADER_BYTES:
         raise ValueError(f"{path}: not a token shard (only {size} bytes, header alone is {HEADER_BYTES})")
     header = np.fromfile(path, dtype='<i4', count=256)
-    if header[0] != MAGIC or header[1] != VERSION:
+    if header[0] != magic or header[1] != VERSION:
         raise ValueError(f"{path}: not a token shard (magic {header[0]}, version {header[1]}; "
-                         f"expected {MAGIC}, {VERSION})")
+                         f"expected {magic}, {VERSION})")
     ntok = int(header[2])
-    if size != HEADER_BYTES + 2 * ntok:
+    if size != HEADER_BYTES + width * ntok:
         raise ValueError(f"{path}: truncated or corrupt token shard (header says {ntok} tokens, "
-                         f"{HEADER_BYTES + 2 * ntok} bytes; file has {size})")
-    return np.memmap(path, dtype='<u2', mode='r', offset=HEADER_BYTES, shape=(ntok,))
+                         f"{HEADER_BYTES + width * ntok} bytes; file has {size})")
+    return np.memmap(path, dtype=dtype, mode='r', offset=HEADER_BYTES, shape=(ntok,))
 
-def write_split(out_dir, split, docs, shard_size):
-    """Pack an iterable of token lists into SPLIT_000.bin, ... of shard_size tokens; returns (tokens, shards)."""
+def read_mask(path):
+    return read_shard(path, MASK_MAGIC, '<u1')
+
+def write_split(out_dir, split, docs, shard_size, suffix='.bin', write=write_shard):
+    """Pack an iterable of token lists into SPLIT_000.bin, ... of shard_size tokens; returns (tokens, shards).
+    With suffix='.mask.bin', write=write_mask: the masks of the same documents, shard for shard."""
     buf, fill, shards, total = np.empty(shard_size, dtype=np.uint16), 0, 0, 0
     def flush():
         nonlocal fill, shards, total
-        write_shard(os.path.join(out_dir, f'{split}_{shards:03d}.bin'), buf[:fill])
+        write(os.path.join(out_dir, f'{split}_{shards:03d}{suffix}'), buf[:fill])
         shards, total, fill = shards + 1, total + fill, 0
     for toks in docs:
         toks = np.asarray(toks, dtype=np.uint16)
@@ -257,6 +269,15 @@ def load_corpus(args):
         return args.tokenizer or 'gpt2', [ds[0][args.text_field]] if len(ds) == 1 else ds, sha
     return args.tokenizer or 'gpt2', [Path(f).read_text(encoding='utf-8') for f in files], sha
 
+def tokenizer_from(path):
+    """The tokenizer description in a dataset's meta.json (path: the file or its directory)."""
+    path = os.path.join(path, 'meta.json') if os.path.isdir(path) else path
+    try:
+        with open(path) as f:
+            return json.load(f)['tokenizer']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--tokenizer_from {path}: not a dataset's meta.json ({type(e).__name__})") from None
+
 def corpus_texts(corpus, field):
     return iter(corpus) if isinstance(corpus, list) else (t for b in corpus.iter(batch_size=1000) for t in b[field])
 
@@ -337,6 +358,65 @@ def chat_template(messages):
     text = ''.join(t for t, _ in chat_segments(messages))
     return text if messages and messages[-1]['role'] == 'assistant' else text + '<|assistant|>\n'
 
+def alpaca_messages(row):
+    """Alpaca's {instruction, input, output} as a user/assistant exchange."""
+    if not all(isinstance(row.get(k, ''), str) for k in ('instruction', 'input', 'output')) \
+            or 'instruction' not in row or 'output' not in row:
+        raise ValueError(f"expected string fields instruction, output (and optionally input), got {sorted(row)}")
+    prompt = row['instruction'] + (f"\n\n{row['input']}" if row.get('input') else '')
+    return [{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': row['output']}]
+
+def read_conversations(files, fmt):
+    """Every line of the jsonl files as a list of messages; bad lines are named by file:line."""
+    convs = []
+    for path in files:
+        with open(path, encoding='utf-8') as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise ValueError(f"expected a json object, got {type(row).__name__}")
+                    messages = alpaca_messages(row) if fmt == 'alpaca' else row.get('messages')
+                    if not isinstance(messages, list) or not messages:
+                        raise ValueError("expected a non-empty list 'messages'")
+                    chat_segments(messages)  # validates every message
+                except ValueError as e:
+                    raise ValueError(f"{path}:{n}: {e}") from None
+                convs.append(messages)
+    if len(convs) < 2:
+        raise ValueError(f"--format={fmt} needs at least two examples (train and val), got {len(convs)}")
+    return convs
+
+def tokenize_conversation(messages, encode, eot):
+    """-> (tokens, flags): the template's segments tokenized one by one, so each token knows
+    whether it carries loss; the first token is flagged DOC_START."""
+    tokens, flags = list(eot), [0] * len(eot)
+    for text, trains in chat_segments(messages):
+        ids = encode(text)
+        tokens += ids
+        flags += [LOSS if trains else 0] * len(ids)
+    flags[0] |= DOC_START
+    return tokens, flags
+
+def sft_window(tokens, flags):
+    """A window of T + 1 tokens of instruction data and their flags -> (x, y, doc_ids), each [T]:
+    targets are -1 (no loss) outside responses, doc_ids number the examples from the window's start."""
+    tokens, flags = np.asarray(tokens, dtype=np.int64), np.asarray(flags, dtype=np.int64)
+    y = np.where(flags[1:] & LOSS, tokens[1:], -1)
+    return tokens[:-1], y, np.cumsum(flags[:-1] & DOC_START > 0)
+
+def write_instruction_splits(out, convs, encode, eot, args):
+    """Token shards and their masks; val is the last val_fraction of the examples."""
+    pairs = [tokenize_conversation(m, encode, eot) for m in convs]
+    n_val = num_val(len(pairs), args.val_fraction)
+    counts = {}
+    for split, part in (('train', pairs[:-n_val]), ('val', pairs[-n_val:])):
+        counts[split] = write_split(out, split, [t for t, _ in part], args.shard_size)
+        write_split(out, split, [f for _, f in part], args.shard_size, '.mask.bin', write_mask)
+    return counts
+
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
     ap.add_argument('name', help='dataset name; output goes to OUT_DIR/NAME')
@@ -348,6 +428,10 @@ def main(argv):
     ap.add_argument('--tokenizer', default=None,
                     help='gpt2 (default), char, bpe (trained on the corpus), or PATH/tokenizer.json')
     ap.add_argument('--bpe_vocab_size', type=int, default=20000, help='vocabulary of --tokenizer=bpe')
+    ap.add_argument('--tokenizer_from', default=None,
+                    help="a dataset dir or meta.json whose tokenizer to reuse (fine-tuning a model trained on it)")
+    ap.add_argument('--format', choices=['text', 'alpaca', 'chat'], default='text',
+                    help='jsonl instruction data: alpaca {instruction, input, output} or chat {messages}')
     ap.add_argument('--shard_size', type=int, default=100_000_000, help='tokens per shard')
     ap.add_argument('--val_fraction', type=float, default=0.1)
     ap.add_argument('--num_proc', type=int, default=max(1, (os.cpu_count() or 2) // 2))
@@ -359,19 +443,29 @@ def main(argv):
         raise ValueError(f"--shard_size must be in [1, 2**31), got {args.shard_size}")
     check_tokenizer_flag(args)
 
-    kind, corpus, source_sha = load_corpus(args)
-    desc = tokenizer_desc(kind, corpus, args)
+    if args.format != 'text':
+        files = expand_inputs(args.input) if args.input and not args.hf else []
+        if not files:
+            raise ValueError(f"--format={args.format} reads jsonl files: pass --input FILES")
+        convs, source_sha = read_conversations(files, args.format), sha256_files(files)
+        kind, corpus = args.tokenizer or 'gpt2', [chat_template(m) for m in convs]
+    else:
+        kind, corpus, source_sha = load_corpus(args)
+    desc = tokenizer_from(args.tokenizer_from) if args.tokenizer_from else tokenizer_desc(kind, corpus, args)
     check_vocab_size(vocab_size_of(desc))
     encode, _ = get_tokenizer(desc)
     # documents start with <|endoftext|> where the tokenizer has one, except in nanoGPT's shakespeare
     eot = [eot_of(desc)] if eot_of(desc) is not None and args.name not in SHAKESPEARE else []
-    splits = tokenize(corpus, encode, eot, args)
 
     out = os.path.join(args.out_dir, args.name)
     os.makedirs(out, exist_ok=True)
     for old in glob.glob(os.path.join(out, 'train_*.bin')) + glob.glob(os.path.join(out, 'val_*.bin')):
-        os.remove(old)  # shards of an earlier, larger run would otherwise be read as data
-    counts = {split: write_split(out, split, docs, args.shard_size) for split, docs in splits.items()}
+        os.remove(old)  # shards (and masks) of an earlier, larger run would otherwise be read as data
+    if args.format != 'text':
+        counts = write_instruction_splits(out, convs, encode, eot, args)
+    else:
+        splits = tokenize(corpus, encode, eot, args)
+        counts = {split: write_split(out, split, docs, args.shard_size) for split, docs in splits.items()}
     meta = {'tokenizer': desc, 'vocab_size': vocab_size_of(desc), 'train_tokens': counts['train'][0],
             'val_tokens': counts['val'][0], 'source_sha256': source_sha}
     if desc['kind'] == 'hf':

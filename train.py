@@ -13,6 +13,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import fields
+from functools import partial
 
 # CPU: back large tensors with 2 MB pages; with 4 KB ones, a tiny model's 200 MB of logits cost more
 # in page faults each step than in arithmetic. Read once, at torch's first allocation.
@@ -21,12 +22,14 @@ os.environ.setdefault('THP_MEM_ALLOC_ENABLE', '1')
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import CheckpointError, load_model, save_checkpoint
-from hf import TRAINING_ONLY
+from checkpoint import (CheckpointError, check_model_args, load_model, load_with_adapters,
+                        lora_checkpoint_fields, save_checkpoint)
+from lora import add_lora, lora_state_dict, num_trainable
 from model import ModelConfig, Transformer
-from prepare import read_shard
+from prepare import DOC_START, read_mask, read_shard, sft_window
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -36,7 +39,9 @@ log_interval = 10
 eval_iters = 50
 eval_only = False
 always_save_checkpoint = True  # ckpt.pt at every eval; False: only when val loss improves
-init_from = 'scratch'           # 'scratch', 'resume' (out_dir/ckpt.pt), or 'hf:DIR' (a Hugging Face directory)
+init_from = 'scratch'           # 'scratch', 'resume' (from out_dir/ckpt.pt), or a new run (fresh optimizer
+                                # and schedule) from trained weights: 'ckpt:PATH' (a checkpoint file or
+                                # out_dir) or 'hf:DIR' (a Hugging Face directory)
 tensorboard = False             # scalars and expert-load histograms to out_dir/tb
 # data
 dataset = 'shakespeare'
@@ -45,6 +50,12 @@ batch_size = 32
 # model: every ModelConfig field is a global too; vocab_size 0 = the dataset's, padded to 64
 globals().update({f.name: f.default for f in fields(ModelConfig)})
 vocab_size = 0
+model_defaults = {f.name: globals()[f.name] for f in fields(ModelConfig)}  # to tell which fields were set
+# fine-tuning: LoRA trains only low-rank adapters of the lora_targets (model.py's names; see lora.py)
+lora_rank = 0  # 0 = off: every weight trains
+lora_alpha = 16.0
+lora_dropout = 0.0
+lora_targets = 'wq,wq_a,wq_b,wkv_a,wkv_b,wo'
 # AdamW, cosine decay after a linear warmup
 learning_rate = 1e-3
 max_iters = 5000
@@ -61,6 +72,7 @@ backend = 'nccl' if torch.cuda.is_available() else 'gloo'
 device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
 compile = torch.cuda.is_available()
+activation_checkpointing = False  # recompute each block's activations in the backward: less memory
 seed = 1337
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -116,8 +128,13 @@ with open(meta_path) as f:
     meta = json.load(f)
 
 
+def mask_path(shard):
+    return shard[:-len('.bin')] + '.mask.bin'
+
+
 def shard_paths(split):
-    paths = sorted(os.path.join(data_dir, n) for n in os.listdir(data_dir) if n.startswith(split + '_') and n.endswith('.bin'))
+    paths = sorted(os.path.join(data_dir, n) for n in os.listdir(data_dir)
+                   if n.startswith(split + '_') and n.endswith('.bin') and not n.endswith('.mask.bin'))
     try:
         lengths = [len(read_shard(p)) for p in paths]
     except ValueError as e:
@@ -125,28 +142,56 @@ def shard_paths(split):
     usable = [n - block_size for n in lengths if n > block_size]
     if not usable:
         fail(f"no {split} shard in {data_dir} holds more than block_size={block_size} tokens")
-    return [p for p, n in zip(paths, lengths) if n > block_size], np.cumsum(usable)
+    paths = [p for p, n in zip(paths, lengths) if n > block_size]
+    return paths, np.cumsum(usable), doc_starts(paths)
+
+
+def doc_starts(paths):
+    """Instruction data (prepare.py --format): each shard's example starts, from its mask; None for plain text."""
+    masked = [os.path.exists(mask_path(p)) for p in paths]
+    if not any(masked):
+        return None
+    if not all(masked):
+        fail(f"{data_dir}: some shards have a .mask.bin and some do not: prepare the dataset again")
+    try:
+        masks = [read_mask(mask_path(p)) for p in paths]
+    except ValueError as e:
+        fail(e)
+    if any(len(m) != len(read_shard(p)) for m, p in zip(masks, paths)):
+        fail(f"{data_dir}: a mask's length differs from its shard's: prepare the dataset again")
+    return [np.flatnonzero(m & DOC_START) for m in masks]
 
 
 shards = {split: shard_paths(split) for split in ('train', 'val')}
 
 
 def get_batch(split, rng):
-    """batch_size random windows. The rng is shared by all ranks (each takes its own rows), so the
-    samples depend on the step, not on how many processes share it, and resume exactly."""
-    paths, ends = shards[split]
+    """batch_size random windows -> x, y, doc_ids. The rng is shared by all ranks (each takes its
+    own rows), so the samples depend on the step, not on how many processes share it, and resume
+    exactly. Instruction data: windows start at an example, targets outside responses are -1 (no
+    loss), and doc_ids [B, T] keep attention inside each packed example; plain text: doc_ids None."""
+    paths, ends, starts_of_docs = shards[split]
     starts = rng.integers(0, ends[-1], size=batch_size)
     which = np.searchsorted(ends, starts, side='right')
     starts = starts - np.concatenate([[0], ends])[which]
     rows = []
     for s, i in zip(starts, which):  # a fresh memmap per batch: memmaps held open leak memory
         data = read_shard(paths[i])
-        rows.append(torch.from_numpy(data[s:s + block_size + 1].astype(np.int64)))
-    xy = torch.stack(rows)
-    x, y = xy[:, :-1], xy[:, 1:]
-    if device_type == 'cuda':
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        if starts_of_docs is None:
+            rows.append(torch.from_numpy(data[s:s + block_size + 1].astype(np.int64)))
+            continue
+        k = np.searchsorted(starts_of_docs[i], s, side='right') - 1
+        s = starts_of_docs[i][k] if k >= 0 else s  # start with the example that s falls in
+        flags = read_mask(mask_path(paths[i]))[s:s + block_size + 1]
+        rows.append(torch.from_numpy(np.stack(sft_window(data[s:s + block_size + 1], flags))))
+    batch = torch.stack(rows)
+    if starts_of_docs is None:  # [B, T + 1] tokens
+        return to_device(batch[:, :-1]), to_device(batch[:, 1:]), None
+    return tuple(map(to_device, batch.unbind(1)))
+
+
+def to_device(t):
+    return t.pin_memory().to(device, non_blocking=True) if device_type == 'cuda' else t.to(device)
 
 
 def batch_rng(step, micro_step, split='train'):
@@ -164,7 +209,7 @@ def checkpoint_path(name):
 iter_num, best_val_loss = 0, float('inf')
 model_args = {f.name: globals()[f.name] for f in fields(ModelConfig)}
 model_args['vocab_size'] = vocab_size or 64 * math.ceil(meta['vocab_size'] / 64)
-checkpoint = None
+checkpoint, init_model, lora_run = None, None, None  # lora_run: what a LoRA checkpoint records
 if init_from == 'resume':
     try:
         checkpoint = torch.load(checkpoint_path('ckpt.pt'), map_location=device, weights_only=False)
@@ -174,33 +219,59 @@ if init_from == 'resume':
         fail(f"cannot read {checkpoint_path('ckpt.pt')}: {type(e).__name__}: {e}")
     model_args = checkpoint['model_args']  # the architecture comes from the checkpoint
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-elif init_from.startswith('hf:'):  # architecture and weights from the directory, fresh optimizer
+    lora_run = checkpoint.get('lora')
+elif init_from.startswith(('ckpt:', 'hf:')):  # a new run from trained weights
+    source = init_from.split(':', 1)[1]
     try:
-        pretrained, source = load_model(init_from[3:], dtype=torch.float32)
+        init_model, init_ckpt = load_model(source, dtype=torch.float32)
+        set_fields = {k for k, v in model_defaults.items() if globals()[k] != v}
+        model_args = check_model_args(init_ckpt['model_args'], model_args, set_fields)
     except CheckpointError as e:
         fail(e)
-    if source['tokenizer'] != meta['tokenizer']:
-        fail(f"{init_from[3:]} has another tokenizer than the dataset {dataset!r}")
-    model_args = {**source['model_args'], **{k: globals()[k] for k in TRAINING_ONLY}}  # its file has none
-    if block_size > model_args['block_size']:
-        fail(f"--block_size={block_size} is longer than {init_from[3:]}'s context of {model_args['block_size']}")
+    if init_ckpt['tokenizer'] != meta['tokenizer']:
+        fail(f"{source} was trained with another tokenizer than {data_dir}'s: prepare the data "
+             f"with --tokenizer_from=<the model's dataset directory>")
+    if lora_rank:
+        lora_config = {'rank': lora_rank, 'alpha': lora_alpha, 'dropout': lora_dropout,
+                       'targets': lora_targets.split(',')}
+        lora_run = lora_checkpoint_fields(lora_config, init_ckpt['path'])
 elif init_from != 'scratch':
-    fail(f"init_from must be 'scratch', 'resume' or 'hf:DIR', got {init_from!r}")
+    fail(f"init_from must be 'scratch', 'resume', 'ckpt:PATH' or 'hf:DIR', got {init_from!r}")
+if lora_rank and init_from == 'scratch':
+    fail("lora_rank > 0 adapts a trained model: start from it with --init_from=ckpt:PATH")
 if model_args['vocab_size'] < meta['vocab_size']:
     fail(f"vocab_size={model_args['vocab_size']} is smaller than the dataset's {meta['vocab_size']}")
 try:
     gptconf = ModelConfig(**model_args)
 except ValueError as e:
     fail(e)
-model = Transformer(gptconf)
-if checkpoint is not None:
-    model.load_state_dict(checkpoint['model'])
-if init_from.startswith('hf:'):
-    model.load_state_dict(pretrained.state_dict())
-    pretrained = None
-model.to(device)
+if lora_run is not None and checkpoint is not None:  # resuming a LoRA run: its base, then its adapters
+    try:
+        model = load_with_adapters(checkpoint, checkpoint_path('ckpt.pt'))
+    except CheckpointError as e:
+        fail(e)
+else:
+    model = Transformer(gptconf)
+    weights = checkpoint['model'] if checkpoint is not None else init_model.state_dict() if init_model else None
+    if weights is not None:
+        model.load_state_dict(weights)
+    if lora_run is not None:
+        try:
+            adapted = add_lora(model, **lora_run['config'])
+        except ValueError as e:
+            fail(e)
+        if master:
+            kinds = sorted({a.rsplit('.', 1)[1] for a in adapted})
+            print(f"LoRA rank {lora_rank} on {len(adapted)} weights: {', '.join(kinds)}")
+init_model = None
+model.train().to(device)
+if activation_checkpointing:  # keep only each block's input; recompute the rest in the backward
+    for block in model.layers:
+        block.forward = partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 if master:
     print(f"parameters: {model.num_params() / 1e6:.2f}M total, {model.num_params(active=True) / 1e6:.2f}M active per token")
+    trainable, total = num_trainable(model), sum(p.numel() for p in model.parameters())
+    print(f"trainable: {trainable:,} of {total:,} parameters ({trainable / total:.2%})")
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
@@ -224,9 +295,10 @@ eval_model = model.module if ddp else model  # no DDP hooks for forward-only pas
 
 
 def save_run(name):
-    ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+    weights = lora_state_dict(raw_model) if lora_run else raw_model.state_dict()  # LoRA: the adapters alone
+    ckpt = {'model': weights, 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
-            'tokenizer': meta['tokenizer'],
+            'tokenizer': meta['tokenizer'], **({'lora': lora_run} if lora_run else {}),
             'rng': {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}}
     save_checkpoint(ckpt, checkpoint_path(name))
 
@@ -239,9 +311,9 @@ def estimate_loss():
     for split in ('train', 'val'):
         total = torch.zeros(2, device=device)
         for k in range(rank, eval_iters, world_size):
-            X, Y = get_batch(split, np.random.default_rng([seed, k, 7]))
+            X, Y, D = get_batch(split, np.random.default_rng([seed, k, 7]))
             with ctx:
-                total += torch.stack([eval_model(X, Y)[2]['ce'].float(), torch.ones((), device=device)])
+                total += torch.stack([eval_model(X, Y, doc_ids=D)[2]['ce'].float(), torch.ones((), device=device)])
         if ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item()
@@ -326,7 +398,7 @@ def tensorboard_expert_load(tb, shares, step):
 # training loop
 
 
-X, Y = get_batch('train', batch_rng(iter_num, 0))
+X, Y, D = get_batch('train', batch_rng(iter_num, 0))
 start_iter = iter_num  # a resumed run does not rewrite the checkpoint it started from
 t0 = time.time()
 local_iter_num, running_mfu = 0, -1.0
@@ -368,11 +440,11 @@ while True:
         if ddp:  # sync gradients only on the last micro-step
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
         with ctx:
-            _, loss, stats = model(X, Y)
+            _, loss, stats = model(X, Y, doc_ids=D)
             loss = loss / gradient_accumulation_steps
         load = load + (stats['load'] if stats['load'] is not None else 0.0)
         last = micro_step == gradient_accumulation_steps - 1
-        X, Y = get_batch('train', batch_rng(iter_num + last, 0 if last else micro_step + 1))
+        X, Y, D = get_batch('train', batch_rng(iter_num + last, 0 if last else micro_step + 1))
         scaler.scale(loss).backward()
     grad_norm = None
     if grad_clip != 0.0 or iter_num % log_interval == 0:  # without clipping, the norm only for the log
@@ -381,7 +453,8 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    if isinstance(load, torch.Tensor):  # the auxiliary-loss-free bias update, same on every rank
+    # the auxiliary-loss-free bias update, same on every rank; a LoRA run leaves the base (biases too) as it is
+    if isinstance(load, torch.Tensor) and lora_run is None:
         if ddp:
             dist.all_reduce(load)
         raw_model.update_router_biases(load)
@@ -399,12 +472,13 @@ while True:
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         imbalance = (load.max(-1).values / load.mean(-1)).mean().item() if isinstance(load, torch.Tensor) else 1.0
         shares = (load / load.sum(-1, keepdim=True)).cpu().numpy() if isinstance(load, torch.Tensor) else None
+        peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == 'cuda' else None
         print(f"iter {iter_num}: loss {lossf:.4f} (ce {parts['ce']:.4f} bal {parts['balance']:.4f} "
               f"z {parts['z']:.4f} mtp {parts['mtp']:.4f}), lr {lr:.2e}, {dt * 1000:.0f}ms, "
               f"{tokens_per_sec:,.0f} tok/s, mfu {f'{running_mfu:.1%}' if running_mfu >= 0 else 'n/a'}, "
-              f"load max/mean {imbalance:.2f}")
+              f"load max/mean {imbalance:.2f}" + (f", peak mem {peak_gib:.2f} GiB" if peak_gib else ''))
         record = {'loss': lossf, **parts, 'lr': lr, 'ms': dt * 1000, 'tokens_per_sec': tokens_per_sec, 'mfu': mfu,
-                  'grad_norm': grad_norm.item(), 'load_imbalance': imbalance}
+                  'grad_norm': grad_norm.item(), 'load_imbalance': imbalance, 'peak_gib': peak_gib}
         log({'kind': 'train', 'iter': iter_num, **record,
              'load': None if shares is None else shares.round(5).tolist()})
         if tb:
