@@ -1,6 +1,6 @@
 """
 Decode speed of engine.py on a GPU (bf16, random weights): one decode step of every sequence at a
-given cache length, replayed from the engine's CUDA graph, next to the same step run eagerly and to
+given cache length (sampling included), replayed from the engine's CUDA graph, next to the same step run eagerly and to
 the summed GPU time of the step's kernels (profiler). The graph's step time over the kernel time
 says how much host overhead is left (1.0 = none).
 $ python bench_decode.py [--layers 4] [--out PATH]
@@ -62,10 +62,12 @@ for name, shape, cache_lens in [('char (7 layers)', CHAR, [256]),
         model = Transformer(ModelConfig(**{**shape, 'block_size': T})).to('cuda', torch.bfloat16).eval()
         for B in (1, 16, 64):
             engine = Engine(model, TOKENIZER, max_batch=B)
-            graph, tokens, pos, _ = engine.graphs[B]
-            tokens.random_(0, 128)
-            pos.fill_(T - 1)  # every sequence attends over a full cache
-            eager = lambda: engine.decode_logits(tokens, pos)
+            graph, (ids, params, u), _ = engine.graphs[B]
+            ids[:, 0].random_(0, 128)
+            ids[:, 1].fill_(T - 1)  # every sequence attends over a full cache
+            params[:, 0] = 0.8      # temperature 0.8, top-k 200, top-p 1, not greedy: sampling included
+            params[:, 1:] = torch.tensor([200.0, 1.0, 0.0])
+            eager = lambda: engine.step_fn(ids, params, u)
             with torch.no_grad():
                 graph_ms, eager_ms, gpu_ms = events_ms(graph.replay), events_ms(eager), kernel_ms(eager)
             row = (name, str(B), str(T), f"{graph_ms:.3f}", f"{eager_ms:.3f}", f"{gpu_ms:.3f}",

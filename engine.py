@@ -72,66 +72,66 @@ def held_back(text, stops):
     return n
 
 # -----------------------------------------------------------------------------
-# sampling: each row with its request's parameters
+# sampling: each row with its request's parameters, as tensor math with the random numbers passed
+# in, so that it runs inside a captured decode step (and a seeded request draws its own numbers)
+
+def filtered_probs(logits, params):
+    """logits [B, V], params [B, 4] (temperature, top_k, top_p, greedy) -> the distributions
+    tokens are drawn from: temperature, then the top_k most likely, then the smallest set holding
+    top_p of the probability (the top one always stays)."""
+    temperature, top_k, top_p = params[:, 0:1], params[:, 1:2], params[:, 2:3]
+    sorted_logits, order = (logits / temperature).sort(-1, descending=True)
+    ranks = torch.arange(logits.size(-1), device=logits.device)
+    probs = sorted_logits.masked_fill(ranks >= top_k, float('-inf')).softmax(-1)
+    probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, probs)
+
+
+def draw(probs, u):
+    """One token per row by inverting the cumulative distribution at u [B] in (0, 1]."""
+    cdf = probs.cumsum(-1)
+    return (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.size(-1) - 1)
+
+
+def sample(logits, params, u):
+    """logits [B, V] -> token ids [B]: argmax for greedy rows, else drawn with u[:, 0]."""
+    return torch.where(params[:, 3] > 0, logits.argmax(-1), draw(filtered_probs(logits, params), u[:, 0]))
+
+
+def verify(draft, logits, params, u):
+    """Speculative sampling with a deterministic draft d (the MTP module proposes its argmax): d is
+    kept with probability p(d), else the token is drawn from p with d taken out, so each token is
+    distributed exactly as p; greedy rows keep d when it is the argmax. logits [B, 2, V] are the
+    model's at the pending token and at the draft -> (accepted [B], first token [B], the token
+    after an accepted draft [B])."""
+    greedy, argmax = params[:, 3] > 0, logits.argmax(-1)
+    p0, p1 = filtered_probs(logits[:, 0], params), filtered_probs(logits[:, 1], params)
+    accepted = torch.where(greedy, argmax[:, 0] == draft, u[:, 0] <= p0.gather(1, draft[:, None])[:, 0])
+    residual = p0.scatter(1, draft[:, None], 0.0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p0)  # p(d) = 1: always kept
+    first = torch.where(greedy, argmax[:, 0], torch.where(accepted, draft, draw(residual, u[:, 1])))
+    bonus = torch.where(greedy, argmax[:, 1], draw(p1, u[:, 2]))
+    return accepted, first, bonus
+
 
 class Sampler:
-    """A batch's sampling parameters as tensors, made once per batch composition: drawing tokens
-    then costs a few kernels and no host round trip (but the one that reads the tokens back)."""
+    """A batch's sampling parameters as one tensor [B, 4], made once per batch composition, and its
+    random numbers: one kernel for the batch, or a draw per row from each seeded request's generator."""
     def __init__(self, requests, device):
-        p = [r.params for r in requests]
         self.requests, self.device = requests, device
-        self.greedy = all(x.temperature == 0 for x in p)
+        self.params = torch.tensor([[p.temperature or 1.0, p.top_k or 2.0**31, p.top_p, p.temperature == 0]
+                                    for p in (r.params for r in requests)]).to(device)
         self.generators = [r.generator for r in requests]
-        self.seeded = any(g is not None for g in self.generators)
-        as_tensor = lambda values: torch.tensor(values).to(device)
-        self.temperature = as_tensor([x.temperature or 1.0 for x in p])
-        self.top_k = as_tensor([x.top_k or 2**31 - 1 for x in p])
-        self.top_p = as_tensor([x.top_p for x in p])
-        self.is_greedy = as_tensor([x.temperature == 0 for x in p])
 
-    def probs(self, logits):
-        """logits [B, V] -> the distributions tokens are drawn from: temperature, then the top-k
-        most likely, then the smallest set holding top_p of the probability (the top one stays)."""
-        sorted_logits, order = (logits / self.temperature[:, None]).sort(-1, descending=True)
-        beyond_k = torch.arange(logits.size(-1), device=self.device) >= self.top_k[:, None]
-        probs = sorted_logits.masked_fill(beyond_k, float('-inf')).softmax(-1)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= self.top_p[:, None], 0.0)
-        return torch.zeros_like(probs).scatter_(-1, order, probs)
-
-    def draw(self, probs):
-        """One token per row [B]; a seeded request draws from its own generator."""
-        if not self.seeded:
-            return torch.multinomial(probs, 1)[:, 0]
-        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
-
-    def uniform(self):
-        if not self.seeded:
-            return torch.rand(len(self.requests), device=self.device)
-        return torch.stack([torch.rand((), device=self.device, generator=g) for g in self.generators])
-
-    def sample(self, logits):
-        """logits [B, V] -> token ids [B] (on the logits' device)."""
-        if self.greedy:
-            return logits.argmax(-1)
-        return torch.where(self.is_greedy, logits.argmax(-1), self.draw(self.probs(logits)))
-
-    def verify(self, draft, logits):
-        """Speculative sampling with a deterministic draft d (the MTP module proposes its argmax):
-        d is kept with probability p(d), else the token is drawn from p with d taken out, so each
-        token is distributed exactly as p; greedy rows keep d when it is the argmax. logits [B, 2, V]
-        are the model's at the pending token and at the draft -> (accepted [B], first token [B],
-        the token after an accepted draft [B])."""
-        argmax = logits.argmax(-1)
-        if self.greedy:
-            return argmax[:, 0] == draft, argmax[:, 0], argmax[:, 1]
-        p0, p1 = self.probs(logits[:, 0]), self.probs(logits[:, 1])
-        p_draft = p0.gather(1, draft[:, None])[:, 0]
-        accepted = torch.where(self.is_greedy, argmax[:, 0] == draft, self.uniform() < p_draft)
-        residual = p0.scatter(1, draft[:, None], 0.0)
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p0)  # p(d) = 1: always kept
-        first = torch.where(self.is_greedy, argmax[:, 0], torch.where(accepted, draft, self.draw(residual)))
-        bonus = torch.where(self.is_greedy, argmax[:, 1], self.draw(p1))
-        return accepted, first, bonus
+    def uniforms(self, out=None):
+        """[B, 3] numbers in (0, 1], written into out when given."""
+        if out is None:
+            out = torch.empty(len(self.requests), 3, device=self.device)
+        if all(g is None for g in self.generators):
+            return out.uniform_().neg_().add_(1.0)
+        for row, g in zip(out, self.generators):
+            row.copy_(1.0 - torch.rand(3, device=self.device, generator=g))
+        return out
 
 
 # -----------------------------------------------------------------------------
@@ -167,6 +167,7 @@ class Engine:
         self.next_id = 0
         self.accepted, self.drafted = 0, 0
         self.sampler = None
+        self.step_fn = self.speculative_step if speculative else self.plain_step
         # graphs need static shapes all the way down: fp32 experts loop on the host (model.grouped_mm)
         capturable = self.device.type == 'cuda' and (model.head.weight.dtype != torch.float32 or not model.moe_layers())
         use_graphs = capturable if cuda_graphs is None else cuda_graphs
@@ -246,16 +247,12 @@ class Engine:
             pending = pending[:1]
         if pending:
             logits = self.prefill(pending)
-            self.emit(pending, self.sampler_of(pending).sample(logits), logits)
+            sampler = self.sampler_of(pending)
+            self.emit(pending, sample(logits, sampler.params, sampler.uniforms()), logits)
             return pending
-        if not self.active:
-            return []
         batch = list(self.active)
-        if self.speculative:
-            self.speculate(batch)
-        else:
-            logits = self.decode_step()
-            self.emit(batch, self.sampler_of(batch).sample(logits), logits)
+        if batch:
+            (self.speculate if self.speculative else self.decode_plain)(batch)
         return batch
 
     def prefill(self, requests):
@@ -278,7 +275,7 @@ class Engine:
 
     def sampler_of(self, batch):
         if self.sampler is None or self.sampler.requests != batch:
-            self.sampler = Sampler(batch, self.device)
+            self.sampler = Sampler(list(batch), self.device)
         return self.sampler
 
     def logits(self, h):
@@ -299,47 +296,59 @@ class Engine:
     # -------------------------------------------------------------------------
     # decoding: one position per sequence, or a draft and its verification
 
-    def run_graph(self, inputs, eager):
-        """eager(*inputs) for the running batch: replayed from the smallest captured bucket that
-        holds it (free slots get zeros: harmless writes at position 0 of unused slots)."""
-        n = len(self.active)
+    def run_step(self, ids):
+        """The decode step (plain or speculative) of the running batch, from ids [n, k] (its host-side
+        numbers: tokens and positions), the sampler's parameters and fresh random numbers. Replayed
+        from the smallest captured bucket that holds the batch; rows past n keep an earlier step's
+        inputs, which are valid, and write only into free slots."""
+        n, sampler = len(self.active), self.sampler_of(self.active)
+        ids = torch.tensor(ids)
         if self.graphs is None:
-            return eager(*inputs)
+            return self.step_fn(ids.to(self.device), sampler.params, sampler.uniforms())
         bucket = next(b for b in self.graphs if b >= n)
-        graph, static_inputs, outputs = self.graphs[bucket]
-        for static, x in zip(static_inputs, inputs):
-            static[:n] = x
-            static[n:] = 0
+        graph, (static_ids, static_params, static_u), outputs = self.graphs[bucket]
+        static_ids[:n].copy_(ids)
+        static_params[:n].copy_(sampler.params)
+        sampler.uniforms(out=static_u[:n])
         graph.replay()
-        return tuple(o[:n] for o in outputs) if isinstance(outputs, tuple) else outputs[:n]
+        return tuple(o[:n] for o in outputs)
 
     def decode_step(self):
-        """One token for every running request -> logits [n, V]."""
-        ids = torch.tensor([[r.context[-1], len(r.context) - 1] for r in self.active]).to(self.device)
-        return self.run_graph((ids[:, 0], ids[:, 1]), self.decode_logits)
+        """One token for every running request -> (logits [n, V], sampled tokens [n])."""
+        return self.run_step([[r.context[-1], len(r.context) - 1] for r in self.active])
 
-    def decode_logits(self, tokens, pos):
-        h = self.model.trunk(tokens[:, None], pos[:, None])[0]
-        return self.logits(h[:, -1])
+    def decode_plain(self, batch):
+        logits, tokens = self.decode_step()
+        self.emit(batch, tokens, logits)
+
+    def plain_step(self, ids, params, u):
+        h = self.model.trunk(ids[:, :1], ids[:, 1:])[0]
+        logits = self.logits(h[:, -1])
+        return logits, sample(logits, params, u)
 
     def speculate(self, batch):
-        n = len(batch)
         ids = []
         for r in batch:  # the pending token at position p = len - 1; the MTP block reruns p - 2, p - 1
             p = len(r.context) - 1
             ids.append([r.context[-1], p, r.context[max(p - 1, 1)], max(p - 2, 0)])
-        draft, logits, h = self.run_graph(torch.tensor(ids).to(self.device).unbind(1), self.draft_and_verify)
-        accepted, first, bonus = self.sampler_of(batch).verify(draft, logits)
-        # the next draft starts from the two verified positions, or from the one before them and the first
-        self.mtp_hidden[:n] = torch.where(accepted[:, None, None], h, torch.cat([self.mtp_hidden[:n, 1:], h[:, :1]], 1))
+        logits, accepted, first, bonus = self.run_step(ids)
         logprobs = self.logprobs(logits, torch.stack([first, bonus], 1), batch)
-        self.drafted += n
-        for r, ok, t0, t1, lp in zip(batch, accepted.tolist(), first.tolist(), bonus.tolist(), logprobs):
+        self.drafted += len(batch)
+        for r, (ok, t0, t1), lp in zip(batch, torch.stack([accepted.long(), first, bonus], 1).tolist(), logprobs):
             self.accepted += ok
             r.cached = len(r.context) + ok  # the pending token, and the draft when it is kept
             self.append(r, t0, lp and lp[0])
             if ok and not r.done:
                 self.append(r, t1, lp and lp[1])
+
+    def speculative_step(self, ids, params, u):
+        pending, pos, token_mtp, pos_mtp = ids.unbind(1)
+        draft, logits, h = self.draft_and_verify(pending, pos, token_mtp, pos_mtp)
+        accepted, first, bonus = verify(draft, logits, params, u)
+        # the next draft starts from the two verified positions, or from the one before them and the first
+        B = ids.size(0)
+        self.mtp_hidden[:B] = torch.where(accepted[:, None, None], h, torch.cat([self.mtp_hidden[:B, 1:], h[:, :1]], 1))
+        return logits, accepted, first, bonus
 
     def draft_and_verify(self, pending, pos, token_mtp, pos_mtp):
         """The MTP block drafts the token after the pending one (from the main model's states at
@@ -354,23 +363,23 @@ class Engine:
         return draft, self.logits(h), h
 
     def capture_graphs(self):
-        """A CUDA graph of one decode step per batch bucket, captured before any request exists:
-        the warm-up writes into the (still empty) caches. Buckets share one memory pool."""
+        """A CUDA graph of one decode step (sampling included) per batch bucket, captured before any
+        request exists: the warm-up writes into the (still empty) caches. Buckets share one pool."""
         buckets = [2 ** i for i in range(int(math.log2(self.max_batch)) + 1)]
         buckets += [self.max_batch] if buckets[-1] != self.max_batch else []
-        step = self.draft_and_verify if self.speculative else self.decode_logits
         graphs, pool = {}, torch.cuda.graph_pool_handle()
         for b in reversed(buckets):
-            inputs = tuple(torch.zeros(b, dtype=torch.long, device=self.device) for _ in range(4 if self.speculative else 2))
+            inputs = (torch.zeros(b, 4 if self.speculative else 2, dtype=torch.long, device=self.device),
+                      torch.ones(b, 4, device=self.device), torch.ones(b, 3, device=self.device))
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.no_grad():
                 for _ in range(2):
-                    step(*inputs)
+                    self.step_fn(*inputs)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool), torch.no_grad():
-                outputs = step(*inputs)
+                outputs = self.step_fn(*inputs)
             graphs[b] = (graph, inputs, outputs)
         return dict(sorted(graphs.items()))
 

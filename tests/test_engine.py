@@ -3,7 +3,7 @@ sampling, ends, scoring, embeddings."""
 import pytest
 import torch
 
-from engine import Engine, Request, Sampler, SamplingParams
+from engine import Engine, Request, Sampler, SamplingParams, sample, verify
 from model import ModelConfig, Transformer
 
 SMALL = dict(vocab_size=96, block_size=24, n_layer=3, n_embd=64, n_head=4, kv_lora_rank=32,
@@ -52,12 +52,12 @@ def test_decode_logits_equal_the_full_forward():
     e.step()  # prefill
     for _ in range(4):
         contexts = [list(r.context) for r in e.active]
-        logits = e.decode_step()
+        logits, tokens = e.decode_step()
         for r, ctx, lg in zip(e.active, contexts, logits):
             with torch.no_grad(), e.uncached():  # the full forward must not write the engine's caches
                 ref = m(torch.tensor([ctx]))[0][0, -1, :e.n_vocab]
             torch.testing.assert_close(lg, ref, atol=1e-5, rtol=1e-5)
-        e.emit(list(e.active), logits.argmax(-1), logits)
+        e.emit(list(e.active), tokens, logits)
 
 
 def test_past_block_size_and_long_prompt():
@@ -119,19 +119,30 @@ def test_abort_frees_the_slot_and_the_rest_go_on():
 def test_top_k_top_p_stay_in_their_sets():
     torch.manual_seed(0)
     logits = torch.randn(2, 50) * 3
-    topk, nucleus_seen = set(), set()
     rk = Request([1], SamplingParams(temperature=1.0, top_k=5), detokenize=None)
     rp = Request([1], SamplingParams(temperature=1.0, top_p=0.6), detokenize=None)
     sampler = Sampler([rk, rp], 'cpu')
-    for _ in range(200):
-        a, b = sampler.sample(logits).tolist()
-        topk.add(a)
-        nucleus_seen.add(b)
-    assert topk <= set(logits[0].topk(5)[1].tolist()) and len(topk) > 1
+    drawn = torch.stack([sample(logits, sampler.params, sampler.uniforms()) for _ in range(300)])
+    assert set(drawn[:, 0].tolist()) == set(logits[0].topk(5)[1].tolist())  # all five, nothing else
     probs = logits[1].softmax(-1)
     order = probs.argsort(descending=True)
     nucleus = order[:int((probs[order].cumsum(0) < 0.6).sum()) + 1].tolist()
-    assert nucleus_seen <= set(nucleus)
+    assert set(drawn[:, 1].tolist()) <= set(nucleus)
+
+
+def test_speculative_sampling_draws_each_token_from_the_model():
+    """verify() keeps a draft d with probability p(d) and otherwise draws from p without d: the
+    first token's distribution is p whatever the draft (a chi-square-free check: 20k draws)."""
+    torch.manual_seed(1)
+    V, n = 6, 20000
+    logits = torch.randn(1, 2, V).expand(n, 2, V)
+    params = torch.tensor([[1.0, 2.0**31, 1.0, 0.0]]).expand(n, 4)
+    draft = torch.full((n,), 2)
+    accepted, first, _ = verify(draft, logits, params, 1.0 - torch.rand(n, 3))
+    p = logits[0, 0].softmax(-1)
+    freq = torch.bincount(first, minlength=V).float() / n
+    assert (freq - p).abs().max() < 0.015
+    assert abs(accepted.float().mean() - p[2]) < 0.015
 
 
 def test_score_and_embed():
