@@ -13,6 +13,7 @@ from model import ModelConfig, Transformer
 
 FILES = {'latest': 'ckpt.pt', 'best': 'best.pt'}
 REQUIRED = ('model', 'model_args', 'tokenizer')
+RESUMABLE = REQUIRED + ('optimizer', 'scaler', 'rng', 'iter_num', 'best_val_loss', 'config')  # what train.py resumes from
 
 
 class CheckpointError(ValueError):
@@ -36,13 +37,13 @@ def checkpoint_file(source, which='latest'):
     return path
 
 
-def read_checkpoint(path, map_location='cpu'):
+def read_checkpoint(path, map_location='cpu', required=REQUIRED):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
         first = (str(e).strip().splitlines() or [''])[0]
         raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {first}): truncated or not a checkpoint") from None
-    missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint train.py wrote: it has no {', '.join(missing)}")
     return ckpt

@@ -10,6 +10,7 @@ Every global below can be set by a config file or --key=value (configurator.py).
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import fields
@@ -23,7 +24,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import save_checkpoint
+from checkpoint import RESUMABLE, CheckpointError, checkpoint_file, read_checkpoint, save_checkpoint
+from flags import (at_most, below, boolean, check_flags, cuda_for_nccl, device_exists, dtype_supported,
+                   less_than, non_empty, non_negative, one_of, positive)
 from model import ModelConfig, Transformer
 from prepare import read_shard
 
@@ -37,6 +40,7 @@ eval_only = False
 always_save_checkpoint = True  # ckpt.pt at every eval; False: only when val loss improves
 init_from = 'scratch'           # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 tensorboard = False             # scalars and expert-load histograms to out_dir/tb
+overwrite = False               # scratch into an out_dir that holds a run: True replaces that run
 # data
 dataset = 'shakespeare'
 gradient_accumulation_steps = 1  # per optimizer step, over all processes
@@ -65,47 +69,42 @@ seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
+MODEL_FIELDS = [f.name for f in fields(ModelConfig)]  # their ranges are ModelConfig's own checks
+check_flags('train.py', globals(), {
+    'out_dir': non_empty, 'dataset': non_empty,
+    'eval_interval': positive, 'log_interval': positive, 'eval_iters': positive,
+    'eval_only': boolean, 'always_save_checkpoint': boolean, 'decay_lr': boolean, 'compile': boolean,
+    'overwrite': boolean,
+    'init_from': one_of('scratch', 'resume'),
+    'gradient_accumulation_steps': positive, 'batch_size': positive, 'vocab_size': non_negative,
+    'max_iters': non_negative, 'learning_rate': positive, 'min_lr': [non_negative, at_most('learning_rate')],
+    'weight_decay': non_negative, 'beta1': below(1), 'beta2': below(1), 'grad_clip': non_negative,
+    'warmup_iters': [non_negative, less_than('lr_decay_iters', unless='decay_lr')], 'lr_decay_iters': positive,
+    'backend': [one_of('nccl', 'gloo'), cuda_for_nccl], 'device': device_exists(), 'dtype': dtype_supported(),
+    'seed': non_negative,
+})
 # -----------------------------------------------------------------------------
 
 
-def fail(msg):
-    raise SystemExit(f"train.py: error: {msg}")
+def fail(msg, code=1):
+    """One line and a non-zero exit (2: a usage error), leaving the process group cleanly."""
+    print(f"train.py: error: {msg}", file=sys.stderr)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
 
 
+try:
+    ModelConfig(**{f: globals()[f] for f in MODEL_FIELDS if f != 'vocab_size'})
+except ValueError as e:
+    fail(e, 2)
 ddp = int(os.environ.get('RANK', -1)) != -1
-if ddp:
-    if backend == 'nccl' and not torch.cuda.is_available():
-        fail("backend 'nccl' needs CUDA GPUs; use --backend=gloo to train on CPUs")
-    if backend not in ('nccl', 'gloo'):
-        fail(f"backend must be 'nccl' or 'gloo', got {backend!r}")
-    dist.init_process_group(backend=backend)
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if backend == 'nccl':
-        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
-        torch.cuda.set_device(device)
-    else:
-        device = 'cpu'
-    if gradient_accumulation_steps % world_size:
-        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by the {world_size} processes")
-    gradient_accumulation_steps //= world_size
-else:
-    rank, world_size = 0, 1
-master = rank == 0
-device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes)")
-torch.manual_seed(seed + rank)
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+world_size = int(os.environ.get('WORLD_SIZE', 1)) if ddp else 1
+if gradient_accumulation_steps % world_size:
+    fail(f"--gradient_accumulation_steps={gradient_accumulation_steps} must divide by the {world_size} processes", 2)
 
 # -----------------------------------------------------------------------------
-# data: token shards from prepare.py, checked against their headers once here
+# data and model settings, checked before anything is written: token shards from prepare.py
 
 data_dir = os.path.join('data', dataset)
 meta_path = os.path.join(data_dir, 'meta.json')
@@ -113,6 +112,45 @@ if not os.path.exists(meta_path):
     fail(f"no dataset at {data_dir}: run `python prepare.py {dataset}` first")
 with open(meta_path) as f:
     meta = json.load(f)
+
+
+def checkpoint_path(name):
+    return os.path.join(out_dir, name)
+
+
+iter_num, best_val_loss = 0, float('inf')
+model_args = {f: globals()[f] for f in MODEL_FIELDS}
+model_args['vocab_size'] = vocab_size or 64 * math.ceil(meta['vocab_size'] / 64)
+checkpoint = None
+if init_from == 'resume':
+    # the architecture is the checkpoint's: a model field set to something else is refused, except
+    # dropout, a training setting that the command line (or config file) sets for the resumed run
+    try:
+        checkpoint = read_checkpoint(checkpoint_file(out_dir), required=RESUMABLE)
+    except CheckpointError as e:
+        fail(f"--init_from=resume: {e}")
+    for name in sorted(__flags_given__ & set(MODEL_FIELDS) - {'dropout'}):
+        if model_args[name] != checkpoint['model_args'].get(name):
+            fail(f"--{name}={model_args[name]!r} differs from the checkpoint's {checkpoint['model_args'].get(name)!r}: "
+                 f"a resumed run keeps its architecture (drop the flag, or train a new run in another out_dir)", 2)
+    model_args = {**checkpoint['model_args'], 'dropout': dropout}
+    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    if max_iters <= iter_num and not eval_only:
+        print(f"nothing to do: {checkpoint_file(out_dir)} is at step {iter_num} and --max_iters={max_iters}")
+        sys.exit(0)
+else:
+    run_files = [n for n in ('ckpt.pt', 'best.pt', 'log.jsonl') if os.path.exists(checkpoint_path(n))]
+    if run_files and not overwrite:
+        fail(f"--out_dir={out_dir!r} already holds a run ({', '.join(run_files)}): resume it with --init_from=resume, "
+             f"pick another out_dir, or pass --overwrite=True to replace it", 2)
+if model_args['vocab_size'] < meta['vocab_size']:
+    fail(f"vocab_size={model_args['vocab_size']} is smaller than the dataset's {meta['vocab_size']}", 2)
+try:
+    gptconf = ModelConfig(**model_args)
+except (TypeError, ValueError) as e:
+    fail(e, 2)
+globals().update(model_args)  # block_size and friends as the model has them
+config.update(model_args)     # the checkpoint records what this run actually used
 
 
 def shard_paths(split):
@@ -128,6 +166,36 @@ def shard_paths(split):
 
 
 shards = {split: shard_paths(split) for split in ('train', 'val')}
+
+# -----------------------------------------------------------------------------
+# processes and devices
+
+if ddp:
+    dist.init_process_group(backend=backend)
+    rank = dist.get_rank()
+    if backend == 'nccl':
+        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+        torch.cuda.set_device(device)
+    else:
+        device = 'cpu'
+    gradient_accumulation_steps //= world_size
+else:
+    rank = 0
+master = rank == 0
+device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+if master:
+    if init_from == 'scratch':  # start clean: an old log.jsonl would be appended to
+        for name in ('ckpt.pt', 'best.pt', 'log.jsonl', 'loss.png'):
+            if os.path.exists(checkpoint_path(name)):
+                os.remove(checkpoint_path(name))
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes)")
+torch.manual_seed(seed + rank)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 
 def get_batch(split, rng):
@@ -155,32 +223,6 @@ def batch_rng(step, micro_step, split='train'):
 # -----------------------------------------------------------------------------
 # model, optimizer, checkpoint
 
-
-def checkpoint_path(name):
-    return os.path.join(out_dir, name)
-
-
-iter_num, best_val_loss = 0, float('inf')
-model_args = {f.name: globals()[f.name] for f in fields(ModelConfig)}
-model_args['vocab_size'] = vocab_size or 64 * math.ceil(meta['vocab_size'] / 64)
-checkpoint = None
-if init_from == 'resume':
-    try:
-        checkpoint = torch.load(checkpoint_path('ckpt.pt'), map_location=device, weights_only=False)
-    except FileNotFoundError:
-        fail(f"init_from='resume' but there is no {checkpoint_path('ckpt.pt')}")
-    except Exception as e:
-        fail(f"cannot read {checkpoint_path('ckpt.pt')}: {type(e).__name__}: {e}")
-    model_args = checkpoint['model_args']  # the architecture comes from the checkpoint
-    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-elif init_from != 'scratch':
-    fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
-if model_args['vocab_size'] < meta['vocab_size']:
-    fail(f"vocab_size={model_args['vocab_size']} is smaller than the dataset's {meta['vocab_size']}")
-try:
-    gptconf = ModelConfig(**model_args)
-except ValueError as e:
-    fail(e)
 model = Transformer(gptconf)
 if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
@@ -402,5 +444,6 @@ while True:
 
 if tb:
     tb.close()
-if ddp:
+if ddp:  # every rank leaves together, after rank 0's last checkpoint is on disk
+    dist.barrier()
     dist.destroy_process_group()
