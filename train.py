@@ -444,6 +444,10 @@ while True:
 
 if tb:
     tb.close()
-if ddp:  # every rank leaves together, after rank 0's last checkpoint is on disk
+if ddp:
+    # No rank leaves before rank 0's last checkpoint is on disk (a rank that exits early can abort in
+    # teardown, and torchrun then kills rank 0 mid-write); the DDP wrapper holds the process group, so
+    # it goes first: gloo's threads then stop here, not during interpreter shutdown.
     dist.barrier()
+    model = eval_model = None
     dist.destroy_process_group()
