@@ -249,28 +249,38 @@ def expand_inputs(patterns):
     return files
 
 def load_hf(args, files):
-    """A datasets.Dataset from the hub (--hf) or from local json/jsonl/parquet files."""
+    """A datasets.Dataset of the non-empty texts, from the hub (--hf) or from local json/jsonl/parquet files."""
     try:
         import datasets
     except ImportError:
         raise RuntimeError("this input needs the optional datasets package: pip install datasets") from None
-    if args.hf:
-        ds = datasets.load_dataset(args.hf, args.hf_config, split=args.hf_split)
-    else:
-        loaders = {DATASETS_EXTS.get(os.path.splitext(f)[1], 'text') for f in files}
-        if len(loaders) > 1:
-            raise ValueError(f"--input mixes file kinds ({', '.join(sorted(loaders))}); pass one kind at a time")
-        loader = loaders.pop()
-        try:
-            ds = datasets.load_dataset(loader, data_files=files, split='train')
-        except Exception as e:
-            bad = next(filter(None, map(bad_json_line, files)), None) if loader == 'json' else None
-            first = (str(e).strip().splitlines() or [''])[0]
-            raise ValueError(bad or f"cannot read {', '.join(files)} as {loader} ({type(e).__name__}: {first})") from None
+    loaders = {DATASETS_EXTS.get(os.path.splitext(f)[1], 'text') for f in files}
+    if len(loaders) > 1:
+        raise ValueError(f"--input mixes file kinds ({', '.join(sorted(loaders))}); pass one kind at a time")
+    loader = loaders.pop() if loaders else None  # None: the hub
+
+    def broken(e):
+        """One line for a failure inside datasets: the file and line where we can find them."""
+        bad = next(filter(None, map(bad_json_line, files)), None) if loader == 'json' else None
+        first = (str(e).strip().splitlines() or [''])[0]
+        return ValueError(bad or f"cannot read {', '.join(files) or args.hf} ({type(e).__name__}: {first})")
+
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a failure is told in one line, by broken()
+    try:
+        ds = (datasets.load_dataset(args.hf, args.hf_config, split=args.hf_split) if args.hf else
+              datasets.load_dataset(loader, data_files=files, split='train'))
+    except Exception as e:
+        raise broken(e) from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if args.text_field not in ds.column_names:
         raise ValueError(f"dataset has no column {args.text_field!r} (columns: {ds.column_names}); set --text_field")
     ds = ds.select_columns([args.text_field])
-    kept = ds.filter(lambda b: [isinstance(t, str) and t != '' for t in b[args.text_field]], batched=True)
+    try:  # the first pass that decodes the texts: pyarrow reads bytes that are not UTF-8 without a word
+        kept = ds.filter(lambda b: [isinstance(t, str) and t != '' for t in b[args.text_field]], batched=True)
+    except UnicodeDecodeError as e:
+        raise broken(e) from None
     report_skipped(len(ds) - len(kept))
     return kept
 
