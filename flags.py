@@ -12,7 +12,8 @@ with one line naming the flag, its value and what is allowed, and exit code 2 (a
     })
 
 A rule is (ok, allowed): ok(value, flags) -> bool sees every flag, so a rule may compare flags;
-allowed is the words for the error, or a function of the flags that returns them.
+allowed is the words for the error, or a function of the flags that returns them. Rules run in the
+table's order: list a flag before the rules that compare other flags with it.
 """
 import os
 import sys

@@ -79,7 +79,7 @@ check_flags('train.py', globals(), {
     'gradient_accumulation_steps': positive, 'batch_size': positive, 'vocab_size': non_negative,
     'max_iters': non_negative, 'learning_rate': positive, 'min_lr': [non_negative, at_most('learning_rate')],
     'weight_decay': non_negative, 'beta1': below(1), 'beta2': below(1), 'grad_clip': non_negative,
-    'warmup_iters': [non_negative, less_than('lr_decay_iters', unless='decay_lr')], 'lr_decay_iters': positive,
+    'lr_decay_iters': positive, 'warmup_iters': [non_negative, less_than('lr_decay_iters', unless='decay_lr')],
     'backend': [one_of('nccl', 'gloo'), cuda_for_nccl], 'device': device_exists(), 'dtype': dtype_supported(),
     'seed': non_negative,
 })
