@@ -38,7 +38,7 @@ check_flags('sample.py', globals(), {
     'num_samples': positive, 'max_new_tokens': positive,
     'temperature': non_negative, 'top_k': non_negative, 'top_p': fraction,
     'cache_mode': one_of('latent', 'naive'), 'seed': non_negative,
-    'device': device_exists(), 'dtype': dtype_supported(), 'cuda_graphs': boolean,
+    'device': device_exists(), 'dtype': dtype_supported(), 'cuda_graphs': boolean, 'speculative': boolean,
 })
 # -----------------------------------------------------------------------------
 
