@@ -126,7 +126,7 @@ if init_from == 'resume':
     # the architecture is the checkpoint's: a model field set to something else is refused, except
     # dropout, a training setting that the command line (or config file) sets for the resumed run
     try:
-        checkpoint = read_checkpoint(checkpoint_file(out_dir), required=RESUMABLE)
+        checkpoint = read_checkpoint(checkpoint_file(checkpoint_path('ckpt.pt')), required=RESUMABLE)
     except CheckpointError as e:
         fail(f"--init_from=resume: {e}")
     for name in sorted(__flags_given__ & set(MODEL_FIELDS) - {'dropout'}):
@@ -136,7 +136,7 @@ if init_from == 'resume':
     model_args = {**checkpoint['model_args'], 'dropout': dropout}
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     if max_iters <= iter_num and not eval_only:
-        print(f"nothing to do: {checkpoint_file(out_dir)} is at step {iter_num} and --max_iters={max_iters}")
+        print(f"nothing to do: {checkpoint_path('ckpt.pt')} is at step {iter_num} and --max_iters={max_iters}")
         sys.exit(0)
 else:
     run_files = [n for n in ('ckpt.pt', 'best.pt', 'log.jsonl') if os.path.exists(checkpoint_path(n))]
