@@ -13,7 +13,7 @@ from model import ModelConfig, Transformer
 
 FILES = {'latest': 'ckpt.pt', 'best': 'best.pt'}
 REQUIRED = ('model', 'model_args', 'tokenizer')
-RESUMABLE = REQUIRED + ('optimizer', 'scaler', 'rng', 'iter_num', 'best_val_loss', 'config')  # what train.py resumes from
+RESUMABLE = REQUIRED + ('optimizer', 'scaler', 'rng', 'iter_num', 'best_val_loss', 'config')  # train.py's resume
 
 
 class CheckpointError(ValueError):

@@ -49,7 +49,8 @@ def _configure(g, argv):
             new = [k for k in g if k not in before and not k.startswith('_') and not isinstance(g[k], types.ModuleType)]
             if new:
                 fail(f"{arg}: {unknown(new[0], before)}")
-            assigned = {n.id for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            assigned = {n.id for n in ast.walk(ast.parse(src))
+                        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
             for key in assigned & set(before):
                 g[key] = typed(key, before[key], g[key], (f"{arg}: ", repr(g[key])))
                 given.add(key)

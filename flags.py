@@ -76,7 +76,8 @@ def device_exists():
         if kind == 'cpu':
             return not index
         if kind == 'cuda':
-            return torch.cuda.is_available() and (not index or (index.isdigit() and int(index) < torch.cuda.device_count()))
+            in_range = not index or (index.isdigit() and int(index) < torch.cuda.device_count())
+            return torch.cuda.is_available() and in_range
         if kind == 'mps':
             return not index and torch.backends.mps.is_available()
         return False

@@ -10,6 +10,7 @@ Every global below can be set by a config file or --key=value (configurator.py).
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -74,7 +75,7 @@ check_flags('train.py', globals(), {
     'out_dir': non_empty, 'dataset': non_empty,
     'eval_interval': positive, 'log_interval': positive, 'eval_iters': positive,
     'eval_only': boolean, 'always_save_checkpoint': boolean, 'decay_lr': boolean, 'compile': boolean,
-    'overwrite': boolean,
+    'overwrite': boolean, 'tensorboard': boolean,
     'init_from': one_of('scratch', 'resume'),
     'gradient_accumulation_steps': positive, 'batch_size': positive, 'vocab_size': non_negative,
     'max_iters': non_negative, 'learning_rate': positive, 'min_lr': [non_negative, at_most('learning_rate')],
@@ -185,10 +186,11 @@ master = rank == 0
 device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 if master:
-    if init_from == 'scratch':  # start clean: an old log.jsonl would be appended to
-        for name in ('ckpt.pt', 'best.pt', 'log.jsonl', 'loss.png'):
+    if init_from == 'scratch':  # start clean: an old log.jsonl or tb/ would be appended to
+        for name in ('ckpt.pt', 'best.pt', 'log.jsonl', 'loss.png', 'expert_load.png'):
             if os.path.exists(checkpoint_path(name)):
                 os.remove(checkpoint_path(name))
+        shutil.rmtree(checkpoint_path('tb'), ignore_errors=True)
     os.makedirs(out_dir, exist_ok=True)
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes)")
 torch.manual_seed(seed + rank)

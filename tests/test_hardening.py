@@ -92,7 +92,8 @@ if not torch.cuda.is_available():
     SAMPLE_BAD += [('--device=cuda', "--device='cuda': no such device on this machine")]
 
 
-@pytest.mark.parametrize('script,arg,message', [('train.py', *c) for c in TRAIN_BAD] + [('sample.py', *c) for c in SAMPLE_BAD])
+@pytest.mark.parametrize('script,arg,message',
+                         [('train.py', *c) for c in TRAIN_BAD] + [('sample.py', *c) for c in SAMPLE_BAD])
 def test_bad_flag_is_one_line_exit_2(tmp_path, monkeypatch, capsys, script, arg, message):
     (tmp_path / 'run').mkdir()
     (tmp_path / 'run' / 'ckpt.pt').write_bytes(b'another run')
@@ -124,7 +125,7 @@ def test_bad_config_file_is_one_line(tmp_path, monkeypatch, capsys):
     ('train.py', ['--eval_interval=0'], "train.py: error: --eval_interval=0: must be > 0"),
     ('train.py', ['--device=cuda:7'], "train.py: error: --device='cuda:7': no such device"),
     ('train.py', ['--n_layr=3'], "configurator: unknown config key 'n_layr'"),
-    ('sample.py', ['--start=FILE:/missing'], "sample.py: error: --start='FILE:/missing': FILE: must name an existing file"),
+    ('sample.py', ['--start=FILE:/missing'], "sample.py: error: --start='FILE:/missing': FILE: must name an existing"),
     ('sample.py', ['--temperature=-1'], "sample.py: error: --temperature=-1.0: must be >= 0"),
 ])
 def test_bad_flag_process(work, script, args, message):
@@ -181,7 +182,7 @@ def test_resume_from_a_checkpoint_train_py_did_not_write(work):
     before = snapshot(work / 'foreign')
     p = train(work, '--out_dir=foreign', '--init_from=resume', '--max_iters=4', check=False)
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and 'Traceback' not in p.stderr
-    assert 'is not a checkpoint train.py wrote: it has no optimizer, scaler, rng, iter_num, best_val_loss, config' in p.stderr
+    assert 'not a checkpoint train.py wrote: it has no optimizer, scaler, rng, iter_num, best_val_loss, config' in p.stderr
     assert snapshot(work / 'foreign') == before
 
 
