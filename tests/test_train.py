@@ -172,7 +172,7 @@ def test_two_nodes_on_one_machine(work):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
     outs = [n.communicate(timeout=300)[0] for n in nodes]
     assert all(n.returncode == 0 for n in nodes), outs
-    assert sorted(os.listdir(work / 'twonode')) == ['best.pt', 'ckpt.pt', 'log.jsonl', 'loss.png']
+    assert sorted(os.listdir(work / 'twonode')) == ['best.pt', 'ckpt.pt', 'expert_load.png', 'log.jsonl', 'loss.png']
     assert '(2 processes)' in outs[0] + outs[1]
 
 
