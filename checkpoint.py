@@ -18,6 +18,7 @@ from prepare import sha256_files
 
 FILES = {'latest': 'ckpt.pt', 'best': 'best.pt'}
 REQUIRED = ('model', 'model_args', 'tokenizer')
+RESUMABLE = REQUIRED + ('optimizer', 'scaler', 'rng', 'iter_num', 'best_val_loss', 'config')  # train.py's resume
 
 
 class CheckpointError(ValueError):
@@ -41,13 +42,13 @@ def checkpoint_file(source, which='latest'):
     return path
 
 
-def read_checkpoint(path, map_location='cpu'):
+def read_checkpoint(path, map_location='cpu', required=REQUIRED):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
         first = (str(e).strip().splitlines() or [''])[0]
         raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {first}): truncated or not a checkpoint") from None
-    missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint train.py wrote: it has no {', '.join(missing)}")
     return ckpt
@@ -61,7 +62,7 @@ def check_model_args(ckpt_args, given_args, explicitly_set):
     changeable = TRAINING_FIELDS + (('block_size',) if shorter else ())
     for k in sorted(explicitly_set):
         if k in ckpt_args and k not in changeable and given_args[k] != ckpt_args[k]:
-            raise CheckpointError(f"--{k}={given_args[k]!r} contradicts the checkpoint's {k}={ckpt_args[k]!r}: "
+            raise CheckpointError(f"--{k}={given_args[k]!r} differs from the checkpoint's {ckpt_args[k]!r}: "
                                   f"the architecture comes from the checkpoint (drop --{k})")
     return {**ckpt_args, **{k: given_args[k] for k in explicitly_set if k in changeable}}
 

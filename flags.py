@@ -8,8 +8,14 @@ with one line naming the flag, its value and what is allowed, and exit code 2 (a
         'temperature': non_negative,
         'top_p': fraction,
         'ckpt': one_of('latest', 'best'),
+        'min_lr': [non_negative, at_most('learning_rate')],   # several rules: all must hold
     })
+
+A rule is (ok, allowed): ok(value, flags) -> bool sees every flag, so a rule may compare flags;
+allowed is the words for the error, or a function of the flags that returns them. Rules run in the
+table's order: list a flag before the rules that compare other flags with it.
 """
+import os
 import sys
 
 
@@ -19,13 +25,20 @@ def usage_error(script, msg):
 
 
 def rule(ok, allowed):
-    """A rule: a predicate on the value and the words that say what is allowed."""
+    """A rule on the value alone."""
+    return lambda v, flags: ok(v), allowed
+
+
+def cross_rule(ok, allowed):
+    """A rule on the value and the other flags: ok(value, flags)."""
     return ok, allowed
 
 
 positive = rule(lambda v: v > 0, "must be > 0")
 non_negative = rule(lambda v: v >= 0, "must be >= 0")
 fraction = rule(lambda v: 0 < v <= 1, "must be in (0, 1]")
+non_empty = rule(lambda v: len(v) > 0, "must not be empty")
+boolean = rule(lambda v: v is True or v is False, "must be True or False")
 
 
 def one_of(*choices):
@@ -36,7 +49,74 @@ def in_range(lo, hi):
     return rule(lambda v: lo <= v <= hi, f"must be in [{lo}, {hi}]")
 
 
+def below(hi):
+    return rule(lambda v: 0 <= v < hi, f"must be in [0, {hi})")
+
+
+def at_most(other):
+    return cross_rule(lambda v, flags: v <= flags[other], lambda flags: f"must be <= {other} ({flags[other]!r})")
+
+
+def less_than(other, unless=None):
+    """v < flags[other], unless the flag named by `unless` is False (the rule then does not apply)."""
+    return cross_rule(lambda v, flags: (unless is not None and not flags[unless]) or v < flags[other],
+                      lambda flags: f"must be < {other} ({flags[other]!r})")
+
+
+def file_prefixed(prefix):
+    """A value that is either text, or prefix + the path of a file that exists."""
+    return rule(lambda v: not v.startswith(prefix) or os.path.isfile(v[len(prefix):]),
+                f"{prefix} must name an existing file")
+
+
+def device_exists():
+    def ok(v):
+        import torch
+        kind, _, index = v.partition(':')
+        if kind == 'cpu':
+            return not index
+        if kind == 'cuda':
+            in_range = not index or (index.isdigit() and int(index) < torch.cuda.device_count())
+            return torch.cuda.is_available() and in_range
+        if kind == 'mps':
+            return not index and torch.backends.mps.is_available()
+        return False
+
+    def allowed(flags):
+        import torch
+        present = ['cpu'] + ([f'cuda:0..{torch.cuda.device_count() - 1}'] if torch.cuda.is_available() else []) \
+            + (['mps'] if torch.backends.mps.is_available() else [])
+        return f"no such device on this machine (present: {', '.join(present)})"
+    return cross_rule(lambda v, flags: ok(v), allowed)
+
+
+def _cuda():
+    import torch
+    return torch.cuda.is_available()
+
+
+cuda_for_nccl = rule(lambda v: v != 'nccl' or _cuda(), "needs CUDA GPUs; use --backend=gloo to train on CPUs")
+
+
+def dtype_supported(device_flag='device'):
+    """float32, bfloat16 or float16, where the device of flags[device_flag] computes in it."""
+    def ok(v, flags):
+        import torch
+        if v not in ('float32', 'bfloat16', 'float16'):
+            return False
+        return not (v == 'bfloat16' and flags[device_flag].startswith('cuda') and torch.cuda.is_available()
+                    and not torch.cuda.is_bf16_supported())
+    return cross_rule(ok, lambda flags: f"must be 'float32', 'bfloat16' or 'float16', and supported on "
+                                        f"--{device_flag}={flags[device_flag]} (bfloat16 needs an Ampere or newer GPU)")
+
+
 def check_flags(script, values, rules):
-    for name, (ok, allowed) in rules.items():
-        if not ok(values[name]):
-            usage_error(script, f"--{name}={values[name]!r}: {allowed}")
+    for name, rules_of_flag in rules.items():
+        for ok, allowed in rules_of_flag if isinstance(rules_of_flag, list) else [rules_of_flag]:
+            try:
+                good = ok(values[name], values)
+            except TypeError:  # a config file may assign any type: '4' < 0 is a usage error too
+                good = False
+            if not good:
+                words = allowed(values) if callable(allowed) else allowed
+                usage_error(script, f"--{name}={values[name]!r}: {words}")

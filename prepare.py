@@ -25,7 +25,6 @@ import sys
 import urllib.request
 from functools import lru_cache
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import tiktoken
@@ -222,7 +221,40 @@ def shakespeare_text(args):
         with open(cached + '.tmp', 'wb') as f:
             f.write(raw)
         os.replace(cached + '.tmp', cached)
-    return raw.decode('utf-8'), sha
+    return decode_utf8(raw, path), sha
+
+def decode_utf8(raw, path):
+    """raw as text; a byte that is not UTF-8 is named by file and line."""
+    try:
+        return raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b'\n') + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x}); convert the file to UTF-8, "
+                         f"e.g. iconv -f latin1 -t utf-8") from None
+
+def read_text(path):
+    with open(path, 'rb') as f:
+        return decode_utf8(f.read(), path)
+
+def bad_json_line(path):
+    """'path:line: what is wrong' for the first line of a JSON-lines file that is not UTF-8 JSON, else None
+    (datasets only says that it failed). A .json file that is one JSON document is fine as it is."""
+    if path.endswith('.json'):
+        try:
+            json.loads(read_text(path))
+            return None
+        except ValueError:
+            pass  # JSON lines under a .json name, or broken: look line by line
+    with open(path, 'rb') as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                if raw.strip():
+                    json.loads(raw.decode('utf-8'))
+            except UnicodeDecodeError as e:
+                return f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x})"
+            except ValueError as e:
+                return f"{path}:{n}: malformed JSON line ({e.msg})"
+    return None
 
 def expand_inputs(patterns):
     files = []
@@ -234,21 +266,49 @@ def expand_inputs(patterns):
     return files
 
 def load_hf(args, files):
-    """A datasets.Dataset from the hub (--hf) or from local json/jsonl/parquet files."""
+    """A datasets.Dataset of the non-empty texts, from the hub (--hf) or from local json/jsonl/parquet files."""
     try:
         import datasets
     except ImportError:
         raise RuntimeError("this input needs the optional datasets package: pip install datasets") from None
-    if args.hf:
-        ds = datasets.load_dataset(args.hf, args.hf_config, split=args.hf_split)
-    else:
-        loaders = {DATASETS_EXTS.get(os.path.splitext(f)[1], 'text') for f in files}
-        if len(loaders) > 1:
-            raise ValueError(f"--input mixes file kinds ({', '.join(sorted(loaders))}); pass one kind at a time")
-        ds = datasets.load_dataset(loaders.pop(), data_files=files, split='train')
+    loaders = {DATASETS_EXTS.get(os.path.splitext(f)[1], 'text') for f in files}
+    if len(loaders) > 1:
+        raise ValueError(f"--input mixes file kinds ({', '.join(sorted(loaders))}); pass one kind at a time")
+    loader = loaders.pop() if loaders else None  # None: the hub
+
+    def broken(e):
+        """One line for a failure inside datasets: the file and line where we can find them."""
+        bad = next(filter(None, map(bad_json_line, files)), None) if loader == 'json' else None
+        first = (str(e).strip().splitlines() or [''])[0]
+        return ValueError(bad or f"cannot read {', '.join(files) or args.hf} ({type(e).__name__}: {first})")
+
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a failure is told in one line, by broken()
+    try:
+        ds = (datasets.load_dataset(args.hf, args.hf_config, split=args.hf_split) if args.hf else
+              datasets.load_dataset(loader, data_files=files, split='train'))
+    except Exception as e:
+        raise broken(e) from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if args.text_field not in ds.column_names:
         raise ValueError(f"dataset has no column {args.text_field!r} (columns: {ds.column_names}); set --text_field")
-    return ds.select_columns([args.text_field])
+    ds = ds.select_columns([args.text_field])
+    try:  # the first pass that decodes the texts: pyarrow reads bytes that are not UTF-8 without a word
+        kept = ds.filter(lambda b: [isinstance(t, str) and t != '' for t in b[args.text_field]], batched=True)
+    except UnicodeDecodeError as e:
+        raise broken(e) from None
+    report_skipped(len(ds) - len(kept))
+    return kept
+
+def report_skipped(n):
+    if n:
+        print(f"skipped {n:,} empty or null text(s)")
+
+def non_empty_texts(files):
+    texts = [read_text(f) for f in files]
+    report_skipped(sum(t == '' for t in texts))
+    return [t for t in texts if t]
 
 def load_corpus(args):
     """(tokenizer kind, list of texts or a datasets.Dataset, source sha256) for the command line."""
@@ -266,8 +326,13 @@ def load_corpus(args):
     sha = sha256_files(files) if files else None  # a hub dataset is named, not hashed
     if args.hf or any(os.path.splitext(f)[1] in DATASETS_EXTS for f in files):
         ds = load_hf(args, files)
+        if len(ds) == 0:
+            raise ValueError(f"empty corpus: {', '.join(files) or args.hf} holds no text in {args.text_field!r}")
         return args.tokenizer or 'gpt2', [ds[0][args.text_field]] if len(ds) == 1 else ds, sha
-    return args.tokenizer or 'gpt2', [Path(f).read_text(encoding='utf-8') for f in files], sha
+    texts = non_empty_texts(files)
+    if not texts:
+        raise ValueError(f"empty corpus: {', '.join(files)} hold(s) no text")
+    return args.tokenizer or 'gpt2', texts, sha
 
 def tokenizer_from(path):
     """The tokenizer description in a dataset's meta.json (path: the file or its directory)."""

@@ -11,7 +11,8 @@ from contextlib import nullcontext
 import torch
 
 from checkpoint import CheckpointError, load_model
-from flags import check_flags, one_of
+from flags import (boolean, check_flags, device_exists, dtype_supported, file_prefixed, fraction, non_empty,
+                   non_negative, one_of, positive)
 from engine import Engine, SamplingParams
 from prepare import get_tokenizer
 
@@ -32,13 +33,26 @@ cuda_graphs = True     # capture the decode step on CUDA
 speculative = True     # draft with the MTP module where the checkpoint has one
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
+check_flags('sample.py', globals(), {
+    'out_dir': non_empty, 'ckpt': one_of('latest', 'best'), 'start': file_prefixed('FILE:'),
+    'num_samples': positive, 'max_new_tokens': positive,
+    'temperature': non_negative, 'top_k': non_negative, 'top_p': fraction,
+    'cache_mode': one_of('latent', 'naive'), 'seed': non_negative,
+    'device': device_exists(), 'dtype': dtype_supported(), 'cuda_graphs': boolean, 'speculative': boolean,
+})
+# -----------------------------------------------------------------------------
 
 
 def fail(msg):
     raise SystemExit(f"sample.py: error: {msg}")
 
 
-check_flags('sample.py', globals(), {'ckpt': one_of('latest', 'best')})
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"--start={start}: cannot read it ({e})")
 try:
     model, checkpoint = load_model(out_dir, ckpt)
     encode, decode = get_tokenizer(checkpoint['tokenizer'])
@@ -50,9 +64,6 @@ ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 # the whole model in the inference dtype: the cache and the decode kernel then share it
 model.to(device=device, dtype=ptdtype)
 
-if start.startswith('FILE:'):
-    with open(start[5:], encoding='utf-8') as f:
-        start = f.read()
 if not start:
     fail("the prompt is empty: give --start some text")
 try:

@@ -10,6 +10,8 @@ Every global below can be set by a config file or --key=value (configurator.py).
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import fields
@@ -25,8 +27,10 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (CheckpointError, check_model_args, load_model, load_with_adapters,
-                        lora_checkpoint_fields, save_checkpoint)
+from checkpoint import (RESUMABLE, CheckpointError, check_model_args, checkpoint_file, load_model,
+                        load_with_adapters, lora_checkpoint_fields, read_checkpoint, save_checkpoint)
+from flags import (at_most, below, boolean, check_flags, cuda_for_nccl, device_exists, dtype_supported,
+                   less_than, non_empty, non_negative, one_of, positive, rule)
 from lora import add_lora, lora_state_dict, num_trainable
 from model import ModelConfig, Transformer
 from prepare import DOC_START, read_mask, read_shard, sft_window
@@ -43,6 +47,7 @@ init_from = 'scratch'           # 'scratch', 'resume' (from out_dir/ckpt.pt), or
                                 # and schedule) from trained weights: 'ckpt:PATH' (a checkpoint file or
                                 # out_dir) or 'hf:DIR' (a Hugging Face directory)
 tensorboard = False             # scalars and expert-load histograms to out_dir/tb
+overwrite = False               # scratch into an out_dir that holds a run: True replaces that run
 # data
 dataset = 'shakespeare'
 gradient_accumulation_steps = 1  # per optimizer step, over all processes
@@ -50,7 +55,6 @@ batch_size = 32
 # model: every ModelConfig field is a global too; vocab_size 0 = the dataset's, padded to 64
 globals().update({f.name: f.default for f in fields(ModelConfig)})
 vocab_size = 0
-model_defaults = {f.name: globals()[f.name] for f in fields(ModelConfig)}  # to tell which fields were set
 # fine-tuning: LoRA trains only low-rank adapters of the lora_targets (model.py's names; see lora.py)
 lora_rank = 0  # 0 = off: every weight trains
 lora_alpha = 16.0
@@ -78,47 +82,45 @@ seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
+MODEL_FIELDS = [f.name for f in fields(ModelConfig)]  # their ranges are ModelConfig's own checks
+check_flags('train.py', globals(), {
+    'out_dir': non_empty, 'dataset': non_empty,
+    'eval_interval': positive, 'log_interval': positive, 'eval_iters': positive,
+    'eval_only': boolean, 'always_save_checkpoint': boolean, 'decay_lr': boolean, 'compile': boolean,
+    'overwrite': boolean, 'tensorboard': boolean,
+    'init_from': rule(lambda v: v in ('scratch', 'resume') or v.startswith(('ckpt:', 'hf:')),
+                      "must be 'scratch', 'resume', 'ckpt:PATH' or 'hf:DIR'"),
+    'lora_rank': non_negative, 'lora_alpha': positive, 'lora_dropout': below(1), 'lora_targets': non_empty,
+    'activation_checkpointing': boolean,
+    'gradient_accumulation_steps': positive, 'batch_size': positive, 'vocab_size': non_negative,
+    'max_iters': non_negative, 'learning_rate': positive, 'min_lr': [non_negative, at_most('learning_rate')],
+    'weight_decay': non_negative, 'beta1': below(1), 'beta2': below(1), 'grad_clip': non_negative,
+    'lr_decay_iters': positive, 'warmup_iters': [non_negative, less_than('lr_decay_iters', unless='decay_lr')],
+    'backend': [one_of('nccl', 'gloo'), cuda_for_nccl], 'device': device_exists(), 'dtype': dtype_supported(),
+    'seed': non_negative,
+})
 # -----------------------------------------------------------------------------
 
 
-def fail(msg):
-    raise SystemExit(f"train.py: error: {msg}")
+def fail(msg, code=1):
+    """One line and a non-zero exit (2: a usage error), leaving the process group cleanly."""
+    print(f"train.py: error: {msg}", file=sys.stderr)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
 
 
+try:
+    ModelConfig(**{f: globals()[f] for f in MODEL_FIELDS if f != 'vocab_size'})
+except ValueError as e:
+    fail(e, 2)
 ddp = int(os.environ.get('RANK', -1)) != -1
-if ddp:
-    if backend == 'nccl' and not torch.cuda.is_available():
-        fail("backend 'nccl' needs CUDA GPUs; use --backend=gloo to train on CPUs")
-    if backend not in ('nccl', 'gloo'):
-        fail(f"backend must be 'nccl' or 'gloo', got {backend!r}")
-    dist.init_process_group(backend=backend)
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if backend == 'nccl':
-        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
-        torch.cuda.set_device(device)
-    else:
-        device = 'cpu'
-    if gradient_accumulation_steps % world_size:
-        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by the {world_size} processes")
-    gradient_accumulation_steps //= world_size
-else:
-    rank, world_size = 0, 1
-master = rank == 0
-device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes)")
-torch.manual_seed(seed + rank)
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+world_size = int(os.environ.get('WORLD_SIZE', 1)) if ddp else 1
+if gradient_accumulation_steps % world_size:
+    fail(f"--gradient_accumulation_steps={gradient_accumulation_steps} must divide by the {world_size} processes", 2)
 
 # -----------------------------------------------------------------------------
-# data: token shards from prepare.py, checked against their headers once here
+# data and model settings, checked before anything is written: token shards from prepare.py
 
 data_dir = os.path.join('data', dataset)
 meta_path = os.path.join(data_dir, 'meta.json')
@@ -126,6 +128,66 @@ if not os.path.exists(meta_path):
     fail(f"no dataset at {data_dir}: run `python prepare.py {dataset}` first")
 with open(meta_path) as f:
     meta = json.load(f)
+
+
+def checkpoint_path(name):
+    return os.path.join(out_dir, name)
+
+
+iter_num, best_val_loss = 0, float('inf')
+model_args = {f: globals()[f] for f in MODEL_FIELDS}
+model_args['vocab_size'] = vocab_size or 64 * math.ceil(meta['vocab_size'] / 64)
+checkpoint, init_model, lora_run = None, None, None  # lora_run: what a LoRA checkpoint records
+
+
+def architecture_from(ckpt_args):
+    """The checkpoint's architecture: a model field given as a flag or in a config file that
+    contradicts it is a usage error; training fields (dropout, loss weights) come from the flags."""
+    try:
+        return check_model_args(ckpt_args, model_args, __flags_given__ & set(MODEL_FIELDS))
+    except CheckpointError as e:
+        fail(e, 2)
+
+
+if init_from == 'resume':
+    try:
+        checkpoint = read_checkpoint(checkpoint_file(checkpoint_path('ckpt.pt')), required=RESUMABLE)
+    except CheckpointError as e:
+        fail(f"--init_from=resume: {e}")
+    model_args = architecture_from(checkpoint['model_args'])
+    iter_num, best_val_loss, lora_run = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint.get('lora')
+    if max_iters <= iter_num and not eval_only:
+        print(f"nothing to do: {checkpoint_path('ckpt.pt')} is at step {iter_num} and --max_iters={max_iters}")
+        sys.exit(0)
+else:
+    run_files = [n for n in ('ckpt.pt', 'best.pt', 'log.jsonl') if os.path.exists(checkpoint_path(n))]
+    if run_files and not overwrite:
+        fail(f"--out_dir={out_dir!r} already holds a run ({', '.join(run_files)}): resume it with --init_from=resume, "
+             f"pick another out_dir, or pass --overwrite=True to replace it", 2)
+if init_from.startswith(('ckpt:', 'hf:')):  # a new run from trained weights
+    source = init_from.split(':', 1)[1]
+    try:
+        init_model, init_ckpt = load_model(source, dtype=torch.float32)
+    except CheckpointError as e:
+        fail(e)
+    model_args = architecture_from(init_ckpt['model_args'])
+    if init_ckpt['tokenizer'] != meta['tokenizer']:
+        fail(f"{source} was trained with another tokenizer than {data_dir}'s: prepare the data "
+             f"with --tokenizer_from=<the model's dataset directory>")
+    if lora_rank:
+        lora_config = {'rank': lora_rank, 'alpha': lora_alpha, 'dropout': lora_dropout,
+                       'targets': lora_targets.split(',')}
+        lora_run = lora_checkpoint_fields(lora_config, init_ckpt['path'])
+if lora_rank and init_from == 'scratch':
+    fail("--lora_rank adapts a trained model: start from it with --init_from=ckpt:PATH", 2)
+if model_args['vocab_size'] < meta['vocab_size']:
+    fail(f"vocab_size={model_args['vocab_size']} is smaller than the dataset's {meta['vocab_size']}", 2)
+try:
+    gptconf = ModelConfig(**model_args)
+except (TypeError, ValueError) as e:
+    fail(e, 2)
+globals().update(model_args)  # block_size and friends as the model has them
+config.update(model_args)     # the checkpoint records what this run actually used
 
 
 def mask_path(shard):
@@ -164,6 +226,37 @@ def doc_starts(paths):
 
 shards = {split: shard_paths(split) for split in ('train', 'val')}
 
+# -----------------------------------------------------------------------------
+# processes and devices
+
+if ddp:
+    dist.init_process_group(backend=backend)
+    rank = dist.get_rank()
+    if backend == 'nccl':
+        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+        torch.cuda.set_device(device)
+    else:
+        device = 'cpu'
+    gradient_accumulation_steps //= world_size
+else:
+    rank = 0
+master = rank == 0
+device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+if master:
+    if init_from != 'resume':  # a new run starts clean: an old log.jsonl or tb/ would be appended to
+        for name in ('ckpt.pt', 'best.pt', 'log.jsonl', 'loss.png', 'expert_load.png'):
+            if os.path.exists(checkpoint_path(name)):
+                os.remove(checkpoint_path(name))
+        shutil.rmtree(checkpoint_path('tb'), ignore_errors=True)
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes)")
+torch.manual_seed(seed + rank)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
 
 def get_batch(split, rng):
     """batch_size random windows -> x, y, doc_ids. The rng is shared by all ranks (each takes its
@@ -201,50 +294,6 @@ def batch_rng(step, micro_step, split='train'):
 # -----------------------------------------------------------------------------
 # model, optimizer, checkpoint
 
-
-def checkpoint_path(name):
-    return os.path.join(out_dir, name)
-
-
-iter_num, best_val_loss = 0, float('inf')
-model_args = {f.name: globals()[f.name] for f in fields(ModelConfig)}
-model_args['vocab_size'] = vocab_size or 64 * math.ceil(meta['vocab_size'] / 64)
-checkpoint, init_model, lora_run = None, None, None  # lora_run: what a LoRA checkpoint records
-if init_from == 'resume':
-    try:
-        checkpoint = torch.load(checkpoint_path('ckpt.pt'), map_location=device, weights_only=False)
-    except FileNotFoundError:
-        fail(f"init_from='resume' but there is no {checkpoint_path('ckpt.pt')}")
-    except Exception as e:
-        fail(f"cannot read {checkpoint_path('ckpt.pt')}: {type(e).__name__}: {e}")
-    model_args = checkpoint['model_args']  # the architecture comes from the checkpoint
-    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-    lora_run = checkpoint.get('lora')
-elif init_from.startswith(('ckpt:', 'hf:')):  # a new run from trained weights
-    source = init_from.split(':', 1)[1]
-    try:
-        init_model, init_ckpt = load_model(source, dtype=torch.float32)
-        set_fields = {k for k, v in model_defaults.items() if globals()[k] != v}
-        model_args = check_model_args(init_ckpt['model_args'], model_args, set_fields)
-    except CheckpointError as e:
-        fail(e)
-    if init_ckpt['tokenizer'] != meta['tokenizer']:
-        fail(f"{source} was trained with another tokenizer than {data_dir}'s: prepare the data "
-             f"with --tokenizer_from=<the model's dataset directory>")
-    if lora_rank:
-        lora_config = {'rank': lora_rank, 'alpha': lora_alpha, 'dropout': lora_dropout,
-                       'targets': lora_targets.split(',')}
-        lora_run = lora_checkpoint_fields(lora_config, init_ckpt['path'])
-elif init_from != 'scratch':
-    fail(f"init_from must be 'scratch', 'resume', 'ckpt:PATH' or 'hf:DIR', got {init_from!r}")
-if lora_rank and init_from == 'scratch':
-    fail("lora_rank > 0 adapts a trained model: start from it with --init_from=ckpt:PATH")
-if model_args['vocab_size'] < meta['vocab_size']:
-    fail(f"vocab_size={model_args['vocab_size']} is smaller than the dataset's {meta['vocab_size']}")
-try:
-    gptconf = ModelConfig(**model_args)
-except ValueError as e:
-    fail(e)
 if lora_run is not None and checkpoint is not None:  # resuming a LoRA run: its base, then its adapters
     try:
         model = load_with_adapters(checkpoint, checkpoint_path('ckpt.pt'))
@@ -491,4 +540,9 @@ while True:
 if tb:
     tb.close()
 if ddp:
+    # No rank leaves before rank 0's last checkpoint is on disk (a rank that exits early can abort in
+    # teardown, and torchrun then kills rank 0 mid-write); the DDP wrapper holds the process group, so
+    # it goes first: gloo's threads then stop here, not during interpreter shutdown.
+    dist.barrier()
+    model = eval_model = None
     dist.destroy_process_group()

@@ -269,3 +269,42 @@ def test_generic_datasets_files(tmp_path, fmt):
     out = tmp_path / 'data' / 'ds'
     assert tokens(out, 'train').tolist() == sum(want[:4], [])
     assert tokens(out, 'val').tolist() == want[4]
+
+
+# -----------------------------------------------------------------------------
+# bad corpora: one line naming the file (and line), or a count of what was skipped
+
+@pytest.mark.parametrize('name,content,message', [
+    ('latin.txt', b'hello\nwor\xe9ld\n', 'latin.txt:2: not UTF-8 (byte 0xe9)'),
+    ('broken.jsonl', b'{"text": "a"}\n{"text": "b"\n', 'broken.jsonl:2: malformed JSON line'),
+    ('latin.jsonl', b'{"text": "a"}\n{"text": "\xff"}\n', 'latin.jsonl:2: not UTF-8 (byte 0xff)'),
+    ('empty.txt', b'', 'empty corpus: '),
+    ('nulls.jsonl', b'{"text": null}\n{"text": ""}\n', 'empty corpus: '),
+])
+def test_bad_corpus_is_one_line_naming_the_file(tmp_path, name, content, message):
+    if name.endswith('.jsonl'):
+        pytest.importorskip('datasets')
+    (tmp_path / name).write_bytes(content)
+    env = {**os.environ, 'HF_DATASETS_CACHE': str(tmp_path / 'hf'), 'HF_HUB_OFFLINE': '1',
+           'HF_DATASETS_DISABLE_PROGRESS_BARS': '1'}  # stderr then holds only the error
+    r = run_cli('bad', '--input', str(tmp_path / name), '--num_proc', '1', cwd=tmp_path, env=env)
+    assert r.returncode != 0 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / 'data' / 'bad').exists()
+
+
+@pytest.mark.parametrize('ext', ['txt', 'jsonl'])
+def test_empty_texts_are_skipped_with_a_count(tmp_path, ext):
+    if ext == 'jsonl':
+        pytest.importorskip('datasets')
+        (tmp_path / 'd.jsonl').write_text('{"text": "one doc"}\n{"text": null}\n{"text": ""}\n{"text": "two"}\n')
+        inputs = [str(tmp_path / 'd.jsonl')]
+    else:
+        for i, text in enumerate(['one doc', '', 'two']):
+            (tmp_path / f'{i}.txt').write_text(text)
+        inputs = [str(tmp_path / f'{i}.txt') for i in range(3)]
+    env = {**os.environ, 'HF_DATASETS_CACHE': str(tmp_path / 'hf'), 'HF_HUB_OFFLINE': '1'}
+    r = run_cli('skip', '--input', *inputs, '--tokenizer', 'char', '--num_proc', '1', cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"skipped {2 if ext == 'jsonl' else 1} empty or null text(s)" in r.stdout
+    meta = json.loads((tmp_path / 'data' / 'skip' / 'meta.json').read_text())
+    assert meta['train_tokens'] + meta['val_tokens'] == len('one doc') + len('two')
