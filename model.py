@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import ops
+from muon import Muon, Optimizers
 
 
 # ModelConfig fields that shape training, not the weights: a run from trained weights may change them
@@ -524,13 +525,24 @@ class Transformer(nn.Module):
                 n -= routed * (c.n_routed_experts - c.n_activated_experts) // c.n_routed_experts
         return n
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings; not norms or biases
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon_lr=0.0, muon_momentum=0.95):
+        """AdamW; with muon_lr > 0, Muon (muon.py) for the hidden matrices, each routed expert's on its
+        own, and AdamW for the rest: embeddings, head, router, norms. Muon's group has lr_scale
+        (muon_lr / learning_rate): the schedule sets each group's lr to the scheduled lr times it."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        not_hidden = ('embed.weight', 'head.weight', 'gate.weight')  # inputs, outputs and the router
+        hidden = [p for n, p in named if muon_lr and p.dim() >= 2 and not n.endswith(not_hidden)]
+        rest = [p for _, p in named if all(p is not h for h in hidden)]
+        decay = [p for p in rest if p.dim() >= 2]  # matrices and embeddings; not norms or biases
         groups = [{'params': decay, 'weight_decay': weight_decay},
-                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+                  {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0}]
         fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type == 'cuda'
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        if not hidden:
+            return adamw
+        muon = Muon([{'params': hidden, 'lr_scale': muon_lr / learning_rate}], lr=muon_lr,
+                    weight_decay=weight_decay, momentum=muon_momentum)
+        return Optimizers(adamw=adamw, muon=muon)
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per active weight plus attention's two matmuls over the

@@ -162,6 +162,28 @@ def read_shard(path, magic=MAGIC, dtype='<u2'):
 def read_mask(path):
     return read_shard(path, MASK_MAGIC, '<u1')
 
+def mask_path(shard):
+    return shard[:-len('.bin')] + '.mask.bin'
+
+def read_windows(paths, ends, starts, length, doc_starts=None):
+    """Windows of `length` tokens at offsets `starts` [B] into the shards' usable parts laid end to end
+    (ends: their cumulative lengths) -> int64 [B, length]. Instruction data (doc_starts: each shard's
+    example starts): each window starts at the example that its offset falls in, and comes back as
+    sft_window's (x, y, doc_ids), [B, 3, length - 1]. One memmap per shard and call, gathered in one
+    index: a memmap per row costs more than the gather, and memmaps held open leak memory."""
+    which = np.searchsorted(ends, starts, side='right')
+    offsets = starts - np.concatenate([[0], ends])[which]
+    tokens = np.empty((len(starts), length), np.int64)
+    flags = None if doc_starts is None else np.empty_like(tokens)
+    for i in np.unique(which):
+        rows, s = np.flatnonzero(which == i), offsets[which == i]
+        if doc_starts is not None:
+            k = np.searchsorted(doc_starts[i], s, side='right') - 1
+            s[k >= 0] = doc_starts[i][k[k >= 0]]
+            flags[rows] = read_mask(mask_path(paths[i]))[s[:, None] + np.arange(length)]
+        tokens[rows] = read_shard(paths[i])[s[:, None] + np.arange(length)]
+    return tokens if doc_starts is None else np.stack(sft_window(tokens, flags), 1)
+
 def write_split(out_dir, split, docs, shard_size, suffix='.bin', write=write_shard):
     """Pack an iterable of token lists into SPLIT_000.bin, ... of shard_size tokens; returns (tokens, shards).
     With suffix='.mask.bin', write=write_mask: the masks of the same documents, shard for shard."""
@@ -469,8 +491,8 @@ def sft_window(tokens, flags):
     """A window of T + 1 tokens of instruction data and their flags -> (x, y, doc_ids), each [T]:
     targets are -1 (no loss) outside responses, doc_ids number the examples from the window's start."""
     tokens, flags = np.asarray(tokens, dtype=np.int64), np.asarray(flags, dtype=np.int64)
-    y = np.where(flags[1:] & LOSS, tokens[1:], -1)
-    return tokens[:-1], y, np.cumsum(flags[:-1] & DOC_START > 0)
+    y = np.where(flags[..., 1:] & LOSS, tokens[..., 1:], -1)  # [..., T + 1]: windows side by side too
+    return tokens[..., :-1], y, np.cumsum(flags[..., :-1] & DOC_START > 0, axis=-1)
 
 def write_instruction_splits(out, convs, encode, eot, args):
     """Token shards and their masks; val is the last val_fraction of the examples."""

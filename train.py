@@ -29,11 +29,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (RESUMABLE, CheckpointError, check_model_args, checkpoint_file, load_model,
                         load_with_adapters, lora_checkpoint_fields, read_checkpoint, save_checkpoint)
-from flags import (at_most, below, boolean, check_flags, cuda_for_nccl, device_exists, dtype_supported,
-                   less_than, non_empty, non_negative, one_of, positive, rule)
+from flags import (at_most, below, boolean, check_flags, cross_rule, cuda_for_nccl, device_exists,
+                   dtype_supported, less_than, non_empty, non_negative, one_of, positive, rule)
 from lora import add_lora, lora_state_dict, num_trainable
 from model import ModelConfig, Transformer
-from prepare import DOC_START, read_mask, read_shard, sft_window
+from prepare import mask_path, read_mask, read_shard, read_windows
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -71,11 +71,17 @@ decay_lr = True
 warmup_iters = 100
 lr_decay_iters = 5000
 min_lr = 1e-4
+optimizer = 'adamw'  # 'muon': Muon for the hidden matrices (each expert's apart), AdamW for the rest (muon.py)
+muon_lr = 0.0        # 0: learning_rate (Muon's update is scaled to AdamW's size); follows the same schedule
+muon_momentum = 0.95
 # system: the best device present and what it supports
 backend = 'nccl' if torch.cuda.is_available() else 'gloo'
 device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
 compile = torch.cuda.is_available()
+# torch.compile's mode: 'reduce-overhead' replays forward and backward as CUDA graphs (the MoE's shapes
+# are static), the default on one GPU; under torchrun the default mode ('default')
+compile_mode = 'reduce-overhead' if torch.cuda.is_available() and 'RANK' not in os.environ else 'default'
 activation_checkpointing = False  # recompute each block's activations in the backward: less memory
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -87,6 +93,9 @@ check_flags('train.py', globals(), {
     'out_dir': non_empty, 'dataset': non_empty,
     'eval_interval': positive, 'log_interval': positive, 'eval_iters': positive,
     'eval_only': boolean, 'always_save_checkpoint': boolean, 'decay_lr': boolean, 'compile': boolean,
+    'compile_mode': [one_of('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
+                     rule(lambda v: v in ('default', 'max-autotune-no-cudagraphs') or 'RANK' not in os.environ,
+                          "CUDA graphs take one process: under torchrun 'default' or 'max-autotune-no-cudagraphs'")],
     'overwrite': boolean, 'tensorboard': boolean,
     'init_from': rule(lambda v: v in ('scratch', 'resume') or v.startswith(('ckpt:', 'hf:')),
                       "must be 'scratch', 'resume', 'ckpt:PATH' or 'hf:DIR'"),
@@ -95,6 +104,9 @@ check_flags('train.py', globals(), {
     'gradient_accumulation_steps': positive, 'batch_size': positive, 'vocab_size': non_negative,
     'max_iters': non_negative, 'learning_rate': positive, 'min_lr': [non_negative, at_most('learning_rate')],
     'weight_decay': non_negative, 'beta1': below(1), 'beta2': below(1), 'grad_clip': non_negative,
+    'optimizer': [one_of('adamw', 'muon'), cross_rule(lambda v, f: v == 'adamw' or not f['lora_rank'],
+                                                      "LoRA's adapters train with 'adamw'")],
+    'muon_lr': non_negative, 'muon_momentum': below(1),
     'lr_decay_iters': positive, 'warmup_iters': [non_negative, less_than('lr_decay_iters', unless='decay_lr')],
     'backend': [one_of('nccl', 'gloo'), cuda_for_nccl], 'device': device_exists(), 'dtype': dtype_supported(),
     'seed': non_negative,
@@ -190,10 +202,6 @@ globals().update(model_args)  # block_size and friends as the model has them
 config.update(model_args)     # the checkpoint records what this run actually used
 
 
-def mask_path(shard):
-    return shard[:-len('.bin')] + '.mask.bin'
-
-
 def shard_paths(split):
     paths = sorted(os.path.join(data_dir, n) for n in os.listdir(data_dir)
                    if n.startswith(split + '_') and n.endswith('.bin') and not n.endswith('.mask.bin'))
@@ -264,27 +272,21 @@ def get_batch(split, rng):
     exactly. Instruction data: windows start at an example, targets outside responses are -1 (no
     loss), and doc_ids [B, T] keep attention inside each packed example; plain text: doc_ids None."""
     paths, ends, starts_of_docs = shards[split]
-    starts = rng.integers(0, ends[-1], size=batch_size)
-    which = np.searchsorted(ends, starts, side='right')
-    starts = starts - np.concatenate([[0], ends])[which]
-    rows = []
-    for s, i in zip(starts, which):  # a fresh memmap per batch: memmaps held open leak memory
-        data = read_shard(paths[i])
-        if starts_of_docs is None:
-            rows.append(torch.from_numpy(data[s:s + block_size + 1].astype(np.int64)))
-            continue
-        k = np.searchsorted(starts_of_docs[i], s, side='right') - 1
-        s = starts_of_docs[i][k] if k >= 0 else s  # start with the example that s falls in
-        flags = read_mask(mask_path(paths[i]))[s:s + block_size + 1]
-        rows.append(torch.from_numpy(np.stack(sft_window(data[s:s + block_size + 1], flags))))
-    batch = torch.stack(rows)
-    if starts_of_docs is None:  # [B, T + 1] tokens
-        return to_device(batch[:, :-1]), to_device(batch[:, 1:]), None
-    return tuple(map(to_device, batch.unbind(1)))
+    windows = read_windows(paths, ends, rng.integers(0, ends[-1], size=batch_size), block_size + 1, starts_of_docs)
+    if starts_of_docs is None:  # [B, T + 1] tokens, one copy to the device
+        batch = to_device(windows)
+        return batch[:, :-1], batch[:, 1:], None
+    return to_device(windows).unbind(1)  # [B, 3, T]: x, y, doc_ids
 
 
-def to_device(t):
-    return t.pin_memory().to(device, non_blocking=True) if device_type == 'cuda' else t.to(device)
+def to_device(array):
+    """A host array to the device. CUDA: through pinned memory, asynchronously, so the copy overlaps
+    the step in flight; torch's pinned-memory cache hands the buffer out again once the copy is done."""
+    if device_type != 'cuda':
+        return torch.from_numpy(array).to(device)
+    pinned = torch.empty(array.shape, dtype=torch.int64, pin_memory=True)
+    pinned.numpy()[:] = array
+    return pinned.to(device, non_blocking=True)
 
 
 def batch_rng(step, micro_step, split='train'):
@@ -323,7 +325,12 @@ if master:
     print(f"trainable: {trainable:,} of {total:,} parameters ({trainable / total:.2%})")
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if checkpoint is not None and checkpoint['config'].get('optimizer', 'adamw') != config['optimizer']:
+    fail(f"--optimizer={config['optimizer']!r}: {checkpoint_path('ckpt.pt')} was trained with "
+         f"{checkpoint['config'].get('optimizer', 'adamw')!r}; resume with that", 2)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
+                                       muon_lr=(muon_lr or learning_rate) if optimizer == 'muon' else 0.0,
+                                       muon_momentum=muon_momentum)
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
@@ -335,7 +342,7 @@ checkpoint = None
 
 raw_model = model
 if compile:
-    model = torch.compile(model)
+    model = torch.compile(model, mode=compile_mode)
 if ddp:
     # biases are kept equal by all-reducing the loads (below), so no buffer broadcast per step
     model = DDP(model, device_ids=[torch.cuda.current_device()] if backend == 'nccl' else None,
@@ -449,14 +456,16 @@ def tensorboard_expert_load(tb, shares, step):
 
 X, Y, D = get_batch('train', batch_rng(iter_num, 0))
 start_iter = iter_num  # a resumed run does not rewrite the checkpoint it started from
-t0 = time.time()
+# Nothing in a step reads the GPU back to the host: the host queues steps ahead of the GPU (and reads
+# the next batch meanwhile) until a log line's .item() waits for them; step times are averages over that.
+t0, timed_steps = time.time(), 0  # since the last log line or eval
 local_iter_num, running_mfu = 0, -1.0
 tb = tensorboard_writer() if tensorboard and master else None
 shares = None  # the last logged expert load, each layer's fractions of its tokens [n_moe_layers, E]
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for group in optimizer.param_groups:
-        group['lr'] = lr
+        group['lr'] = lr * group.get('lr_scale', 1.0)
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         losses = estimate_loss()
@@ -481,6 +490,7 @@ while True:
             if iter_num > start_iter:
                 plot_losses()
                 plot_expert_load()
+        t0, timed_steps = time.time(), 0
     if iter_num == max_iters or eval_only:
         break
 
@@ -508,10 +518,11 @@ while True:
             dist.all_reduce(load)
         raw_model.update_router_biases(load)
 
-    t1 = time.time()
-    dt, t0 = t1 - t0, t1
+    timed_steps += 1
     if iter_num % log_interval == 0 and master:
-        lossf = loss.item() * gradient_accumulation_steps
+        lossf = loss.item() * gradient_accumulation_steps  # waits for every step queued so far
+        t1 = time.time()
+        dt, t0, timed_steps = (t1 - t0) / timed_steps, t1, 0
         if not math.isfinite(lossf):
             fail(f"loss is {lossf} at step {iter_num}: stopping; the last good checkpoint is untouched")
         parts = {k: v.item() for k, v in stats.items() if k != 'load'}
