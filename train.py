@@ -33,7 +33,7 @@ from flags import (at_most, below, boolean, check_flags, cross_rule, cuda_for_nc
                    dtype_supported, less_than, non_empty, non_negative, one_of, positive, rule)
 from lora import add_lora, lora_state_dict, num_trainable
 from model import ModelConfig, Transformer
-from prepare import mask_path, read_mask, read_shard, read_windows
+from prepare import DOC_START, mask_path, read_mask, read_shard, read_windows
 
 # -----------------------------------------------------------------------------
 # I/O

@@ -1,0 +1,132 @@
+"""
+Training speed on a GPU (issue 18). For a train.py config file: one training step of its model (bf16,
+random tokens; forward, backward, clipping, optimizer step, router-bias update) in each torch.compile
+mode, timed with CUDA events, next to the summed time of the step's GPU kernels (profiler): kernels /
+step is the share of the step the GPU is busy. Then a short real train.py run of the same config (the
+whole loop: data, logging, its default compile mode) for the tokens/s train.py logs once compiled.
+$ python prepare.py shakespeare_char   # the loop run reads data/<dataset> from the working directory
+$ python bench_train.py [config/train_shakespeare_char.py] [--optimizer muon] [--loop_iters 300] [--out PATH]
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import fields
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from model import ModelConfig, Transformer
+
+parser = argparse.ArgumentParser()
+parser.add_argument('config', nargs='?', default='config/train_shakespeare_char.py')
+parser.add_argument('--modes', default='none,default,reduce-overhead', help="'none' is eager")
+parser.add_argument('--optimizer', default='adamw', choices=('adamw', 'muon'))
+parser.add_argument('--loop_iters', type=int, default=300, help='steps of the train.py run; 0 skips it')
+parser.add_argument('--out', default=None, help='also write the markdown table to this file')
+args = parser.parse_args()
+assert torch.cuda.is_available(), 'needs a CUDA GPU'
+torch.backends.cuda.matmul.allow_tf32 = True
+
+run = {}  # the config file's globals, as train.py's configurator sets them
+exec(open(args.config).read(), {}, run)
+model_fields = {f.name for f in fields(ModelConfig)}
+meta_path = os.path.join('data', run.get('dataset', 'shakespeare'), 'meta.json')
+dataset_vocab = json.load(open(meta_path))['vocab_size'] if os.path.exists(meta_path) else 65
+vocab_size = run.get('vocab_size') or 64 * math.ceil(dataset_vocab / 64)
+cfg = ModelConfig(**{**{k: v for k, v in run.items() if k in model_fields}, 'vocab_size': vocab_size})
+B, T = run.get('batch_size', 32), cfg.block_size
+lr = run.get('learning_rate', 1e-3)
+
+
+def events_ms(fn, reps=7, n=10):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / n)
+    return statistics.median(times)
+
+
+def kernel_ms(fn, n=10):
+    """Summed GPU time of everything fn launches, per call."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / n
+
+
+def training_step(mode):
+    """train.py's step, on one fixed random batch, with torch.compile(mode) (none: eager)."""
+    torch._dynamo.reset()  # each mode compiles afresh
+    torch.manual_seed(1337)
+    model = Transformer(cfg).cuda().train()
+    optimizer = model.configure_optimizers(run.get('weight_decay', 0.1), lr, (0.9, run.get('beta2', 0.95)), 'cuda',
+                                           muon_lr=lr if args.optimizer == 'muon' else 0.0)
+    forward = model if mode == 'none' else torch.compile(model, mode=mode)
+    x, y = torch.randint(0, vocab_size, (2, B, T), device='cuda')
+
+    def step():
+        with torch.autocast('cuda', torch.bfloat16):
+            _, loss, stats = forward(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if stats['load'] is not None:
+            model.update_router_biases(stats['load'])
+    return step
+
+
+def loop_tokens_per_sec():
+    """tokens/s of a real train.py run of the config, past its first 100 steps (compilation)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        n = args.loop_iters
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'), args.config,
+               f'--out_dir={out_dir}', f'--max_iters={n}', f'--lr_decay_iters={n}', f'--eval_interval={n}',
+               '--eval_iters=5', '--log_interval=25', f'--optimizer={args.optimizer}']
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode:
+            sys.exit(f"train.py failed:\n{p.stderr[-3000:]}")
+        with open(os.path.join(out_dir, 'log.jsonl')) as f:
+            logged = [r for r in map(json.loads, f) if r['kind'] == 'train' and r['iter'] >= 100]
+    return statistics.median(r['ms'] for r in logged), statistics.median(r['tokens_per_sec'] for r in logged)
+
+
+rows = []
+for mode in args.modes.split(','):
+    step = training_step(mode)
+    for _ in range(5):  # compile, then CUDA graphs' warm-up and recording
+        step()
+    torch.cuda.synchronize()
+    step_ms, gpu_ms = events_ms(step), kernel_ms(step)
+    rows.append((f'step, {mode}', f"{step_ms:.2f}", f"{gpu_ms:.2f}", f"{gpu_ms / step_ms:.0%}",
+                 f"{B * T / step_ms * 1e3:,.0f}"))
+    print(' | '.join(rows[-1]), flush=True)
+    del step
+    torch.cuda.empty_cache()
+if args.loop_iters:
+    if not os.path.exists(meta_path):
+        sys.exit(f"no {meta_path}: run `python prepare.py {run.get('dataset')}` here first, or pass --loop_iters=0")
+    loop_ms, loop_tps = loop_tokens_per_sec()
+    rows.append(('train.py loop (its default mode)', f"{loop_ms:.2f}", '', '', f"{loop_tps:,.0f}"))
+    print(' | '.join(rows[-1]), flush=True)
+
+header = ('what', 'ms / step', 'GPU kernel ms', 'GPU busy', 'tokens/s')
+table = [f"{args.config}: batch {B} x {T}, {args.optimizer}; {torch.cuda.get_device_name()}, torch "
+         f"{torch.__version__}, bf16; medians", '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+table += ['| ' + ' | '.join(row) + ' |' for row in rows]
+print('\n' + '\n'.join(table))
+if args.out:
+    with open(args.out + '.tmp', 'w') as f:
+        f.write('\n'.join(table) + '\n')
+    os.replace(args.out + '.tmp', args.out)
