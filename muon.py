@@ -30,21 +30,25 @@ class Muon(torch.optim.Optimizer):
     update size: the learning rate and weight decay that suit AdamW suit it too."""
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.95):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
+        for p in (p for group in self.param_groups for p in group['params']):
+            self.state[p]['momentum_buffer'] = torch.zeros_like(p)
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             lr, momentum = group['lr'], group['momentum']
+            same_shape = {}  # one batched iteration per shape: launches per step ~ shapes, not matrices
             for p in group['params']:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if 'momentum_buffer' not in state:
-                    state['momentum_buffer'] = torch.zeros_like(p)
-                buf = state['momentum_buffer'].lerp_(p.grad, 1 - momentum)
-                update = orthogonalize(p.grad.lerp(buf, momentum))  # Nesterov: a step ahead
-                p.mul_(1 - lr * group['weight_decay'])
-                p.add_(update, alpha=-lr * 0.2 * max(p.shape[-2:]) ** 0.5)
+                if p.grad is not None:
+                    same_shape.setdefault(p.shape, []).append(p)
+            for shape, params in same_shape.items():
+                grads = [p.grad for p in params]
+                bufs = [self.state[p]['momentum_buffer'] for p in params]
+                torch._foreach_lerp_(bufs, grads, 1 - momentum)
+                nesterov = torch._foreach_lerp(grads, bufs, momentum)  # a step ahead
+                update = orthogonalize(torch.stack(nesterov))
+                torch._foreach_mul_(params, 1 - lr * group['weight_decay'])
+                torch._foreach_add_(params, list(update.unbind()), alpha=-lr * 0.2 * max(shape[-2:]) ** 0.5)
 
 
 class Optimizers:
