@@ -115,12 +115,13 @@ def test_bad_flags(work, args, env, message):
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-GPU = ['--device=cuda', '--dtype=bfloat16', '--max_iters=8', '--eval_interval=4']
+GPU = ['--device=cuda', '--dtype=bfloat16', '--max_iters=8', '--eval_interval=4', '--gradient_accumulation_steps=2']
 
 
 @cuda
 def test_graph_step_matches_eager_and_resumes_exactly(work):
-    """compile_mode='reduce-overhead' (forward and backward as CUDA graphs) against eager, in bf16;
+    """compile_mode='reduce-overhead' (forward and backward as CUDA graphs, two micro-steps a step: the
+    first one's gradients stay alive across the second's replay) against eager, in bf16;
     then a resumed graph run against the straight one. Embedding backward adds with atomics on GPU,
     so the resume is held to float noise rather than bit equality."""
     graph = ['--compile=True', '--compile_mode=reduce-overhead']
