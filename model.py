@@ -511,8 +511,8 @@ class Transformer(nn.Module):
     def update_router_biases(self, load):
         """After an optimizer step: each expert's bias moves by gamma towards its fair share of the
         step's load [n_moe_layers, E] (all-reduce it over ranks first, so biases stay identical)."""
-        for moe, layer_load in zip(self.moe_layers(), load):
-            moe.gate.bias += moe.cfg.bias_update_speed * torch.sign(layer_load.mean() - layer_load)
+        step = self.cfg.bias_update_speed * torch.sign(load.mean(-1, keepdim=True) - load)  # all layers at once
+        torch._foreach_add_([moe.gate.bias for moe in self.moe_layers()], list(step.unbind()))
 
     def num_params(self, active=False):
         """All parameters, or those one token uses: routed experts count k of E. MTP is excluded:
