@@ -532,7 +532,8 @@ class Transformer(nn.Module):
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         not_hidden = ('embed.weight', 'head.weight', 'gate.weight')  # inputs, outputs and the router
         hidden = [p for n, p in named if muon_lr and p.dim() >= 2 and not n.endswith(not_hidden)]
-        rest = [p for _, p in named if all(p is not h for h in hidden)]
+        in_muon = {id(p) for p in hidden}
+        rest = [p for _, p in named if id(p) not in in_muon]
         decay = [p for p in rest if p.dim() >= 2]  # matrices and embeddings; not norms or biases
         groups = [{'params': decay, 'weight_decay': weight_decay},
                   {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0}]
