@@ -4,16 +4,19 @@ random tokens; forward, backward, clipping, optimizer step, router-bias update) 
 mode, timed with CUDA events, next to the summed time of the step's GPU kernels (profiler): kernels /
 step is the share of the step the GPU is busy. Then a short real train.py run of the same config (the
 whole loop: data, logging, its default compile mode) for the tokens/s train.py logs once compiled.
---to_loss L also runs the config in full and reports the wall time from launching train.py to its
-first eval at val loss <= L (start-up, compilation and evaluations included).
+--to_loss L also runs the config and reports the wall time from launching train.py to the first eval
+it prints at val loss <= L (start-up, compilation and evaluations included); with --nanogpt DIR, the
+same for nanoGPT's own `train.py config/train_shakespeare_char.py` in that checkout (its data
+prepared there), run before ours in the same call.
 $ python prepare.py shakespeare_char   # the train.py runs read data/<dataset> from the working directory
 $ python bench_train.py [config/train_shakespeare_char.py] [--optimizer muon] [--loop_iters 300]
-                        [--to_loss 1.4645] [--out PATH]
+                        [--to_loss 1.4645 [--nanogpt PATH]] [--out PATH]
 """
 import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -32,6 +35,7 @@ parser.add_argument('--modes', default='none,default,reduce-overhead', help="'no
 parser.add_argument('--optimizer', default='adamw', choices=('adamw', 'muon'))
 parser.add_argument('--loop_iters', type=int, default=300, help='steps of the train.py run; 0 skips it')
 parser.add_argument('--to_loss', type=float, default=0.0, help='also time a full run to this val loss')
+parser.add_argument('--nanogpt', default=None, help="a nanoGPT checkout to time to --to_loss too")
 parser.add_argument('--out', default=None, help='also write the markdown table to this file')
 args = parser.parse_args()
 assert torch.cuda.is_available(), 'needs a CUDA GPU'
@@ -92,35 +96,37 @@ def training_step(mode):
     return step
 
 
-def train_py(*flags):
-    """A train.py run of the config with these flags -> the time it was launched, its log.jsonl records."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'), args.config,
-               f'--out_dir={out_dir}', f'--optimizer={args.optimizer}', *flags]
-        launched = time.time()
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode:
-            sys.exit(f"train.py failed:\n{p.stderr[-3000:]}")
-        with open(os.path.join(out_dir, 'log.jsonl')) as f:
-            return launched, [json.loads(line) for line in f]
+def our_train_py(out_dir, *flags):
+    return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'), args.config,
+            f'--out_dir={out_dir}', f'--optimizer={args.optimizer}', *flags]
 
 
 def loop_speed():
     """ms/iter and tokens/s of a short train.py run, past its first 100 steps (compilation)."""
     n = args.loop_iters
-    _, records = train_py(f'--max_iters={n}', f'--lr_decay_iters={n}', f'--eval_interval={n}', '--eval_iters=5',
-                          '--log_interval=25')
-    logged = [r for r in records if r['kind'] == 'train' and r['iter'] >= 100]
+    with tempfile.TemporaryDirectory() as out_dir:
+        p = subprocess.run(our_train_py(out_dir, f'--max_iters={n}', f'--lr_decay_iters={n}', f'--eval_interval={n}',
+                                        '--eval_iters=5', '--log_interval=25'), capture_output=True, text=True)
+        if p.returncode:
+            sys.exit(f"train.py failed:\n{p.stderr[-3000:]}")
+        with open(os.path.join(out_dir, 'log.jsonl')) as f:
+            logged = [r for r in map(json.loads, f) if r['kind'] == 'train' and r['iter'] >= 100]
     return statistics.median(r['ms'] for r in logged), statistics.median(r['tokens_per_sec'] for r in logged)
 
 
-def time_to_loss():
-    """Seconds from launching the config's full run to its first eval at val loss <= args.to_loss (None:
-    never), and its best val loss."""
-    launched, records = train_py()
-    evals = [r for r in records if r['kind'] == 'eval']
-    reached = [r['time'] - launched for r in evals if r['val'] <= args.to_loss]
-    return (reached[0] if reached else None), min(r['val'] for r in evals)
+def time_to_loss(cmd, cwd=None):
+    """Seconds from launching cmd to the first 'step N: train loss X, val loss V' line it prints (ours
+    and nanoGPT's alike) with V <= args.to_loss, then stops it; None if it ends first."""
+    launched = time.time()
+    p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in p.stdout:
+        m = re.match(r'step \d+: train loss [\d.]+, val loss ([\d.]+)', line)
+        if m and float(m[1]) <= args.to_loss:
+            p.terminate()
+            p.wait()
+            return time.time() - launched
+    p.wait()
+    return None
 
 
 rows = []
@@ -142,10 +148,15 @@ if args.loop_iters:
     rows.append(('train.py loop (its default mode)', f"{loop_ms:.2f}", '', '', f"{loop_tps:,.0f}"))
     print(' | '.join(rows[-1]), flush=True)
 if args.to_loss:
-    seconds, best = time_to_loss()
-    reached = f"{seconds:.1f} s to val {args.to_loss}" if seconds is not None else f"never reached {args.to_loss}"
-    rows.append((f'train.py full run: {reached}, best val {best:.4f}', '', '', '', ''))
-    print(' | '.join(rows[-1]), flush=True)
+    with tempfile.TemporaryDirectory() as out_dir:
+        runs = [('this train.py', our_train_py(out_dir), None)]
+        if args.nanogpt:
+            runs.insert(0, ('nanoGPT', [sys.executable, 'train.py', 'config/train_shakespeare_char.py'], args.nanogpt))
+        for name, cmd, cwd in runs:
+            seconds = time_to_loss(cmd, cwd)
+            reached = f"{seconds:.1f} s" if seconds is not None else 'never'
+            rows.append((f'{name}: wall time from launch to val loss <= {args.to_loss}: {reached}', '', '', '', ''))
+            print(' | '.join(rows[-1]), flush=True)
 
 header = ('what', 'ms / step', 'GPU kernel ms', 'GPU busy', 'tokens/s')
 table = [f"{args.config}: batch {B} x {T}, {args.optimizer}; {torch.cuda.get_device_name()}, torch "

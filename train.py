@@ -473,8 +473,7 @@ while True:
             fail(f"eval loss is {losses} at step {iter_num}: stopping; the last good checkpoint is untouched")
         if master:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            # time: when, for bench_train.py's time to a loss
-            log({'kind': 'eval', 'iter': iter_num, **losses, 'lr': lr, 'time': time.time()})
+            log({'kind': 'eval', 'iter': iter_num, **losses, 'lr': lr})
             if tb:
                 for split, value in losses.items():
                     tb.add_scalar(f'eval/{split}', value, iter_num)
