@@ -63,6 +63,19 @@ def less_than(other, unless=None):
                       lambda flags: f"must be < {other} ({flags[other]!r})")
 
 
+def divides(other):
+    return cross_rule(lambda v, flags: flags[other] % v == 0, lambda flags: f"must divide {other} ({flags[other]!r})")
+
+
+def needs_torchrun(off, divides_world=False):
+    """A flag that shards over processes: any value but `off` needs torchrun's WORLD_SIZE (and,
+    with divides_world, must divide it)."""
+    world = int(os.environ.get('WORLD_SIZE', 0))
+    return rule(lambda v: v == off or (world > 0 and (not divides_world or world % v == 0)),
+                f"needs torchrun (torchrun --nproc_per_node=N train.py ...)"
+                + (f" with a number of processes it divides (now {world})" if divides_world and world else ''))
+
+
 def file_prefixed(prefix):
     """A value that is either text, or prefix + the path of a file that exists."""
     return rule(lambda v: not v.startswith(prefix) or os.path.isfile(v[len(prefix):]),
