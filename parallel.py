@@ -128,12 +128,12 @@ class Sharding:
         self._map_experts(weights, optim, lambda t: t.to_local())
 
     def _map_experts(self, weights, optim, f):
+        """New entries, never changed ones: the optimizer's own state dicts may be what get_state_dict returned."""
         for name in self.expert_names:
             weights[name] = f(weights[name])
-            state = optim['state'].get(name, {})
-            for k in ('exp_avg', 'exp_avg_sq'):
-                if k in state:
-                    state[k] = f(state[k])
+            if name in optim['state']:
+                optim['state'][name] = {k: f(v) if k in ('exp_avg', 'exp_avg_sq') else v
+                                        for k, v in optim['state'][name].items()}
 
 
 def save_sharded(out_dir, which, iter_num, model, optimizer, sharding, meta):
