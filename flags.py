@@ -67,13 +67,15 @@ def divides(other):
     return cross_rule(lambda v, flags: flags[other] % v == 0, lambda flags: f"must divide {other} ({flags[other]!r})")
 
 
-def needs_torchrun(off, divides_world=False):
-    """A flag that shards over processes: any value but `off` needs torchrun's WORLD_SIZE (and,
-    with divides_world, must divide it)."""
-    world = int(os.environ.get('WORLD_SIZE', 0))
-    return rule(lambda v: v == off or (world > 0 and (not divides_world or world % v == 0)),
-                f"needs torchrun (torchrun --nproc_per_node=N train.py ...)"
-                + (f" with a number of processes it divides (now {world})" if divides_world and world else ''))
+def needs_torchrun(off):
+    """A flag that shards over processes: any value but `off` needs torchrun."""
+    return rule(lambda v: v == off or 'WORLD_SIZE' in os.environ,
+                "needs torchrun (torchrun --standalone --nproc_per_node=N train.py ...)")
+
+
+def divides_world_size():
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    return rule(lambda v: world % v == 0, f"must divide the number of processes ({world})")
 
 
 def file_prefixed(prefix):

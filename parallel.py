@@ -26,8 +26,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import ops
-
-SHARDED = {'latest': 'ckpt.dcp', 'best': 'best.dcp'}  # links to the newest complete directory
+from checkpoint import FILES, SHARDED_FILES, save_checkpoint
+from model import ModelConfig, Transformer
 
 
 class ExpertParallel:
@@ -138,29 +138,38 @@ class Sharding:
 
 def save_sharded(out_dir, which, iter_num, model, optimizer, sharding, meta):
     """Every rank writes its shards to a fresh directory; rank 0 adds meta.pt and only then points
-    the link (ckpt.dcp or best.dcp) at it: a crash mid-write never leaves a link to half a checkpoint."""
-    name = f"{SHARDED[which][:-len('.dcp')]}.{iter_num:07d}.dcp"
+    the link (ckpt.dcp or best.dcp) at it, by an atomic rename: a crash mid-write leaves the link
+    at the previous complete checkpoint."""
+    name = f"{SHARDED_FILES[which][:-len('.dcp')]}.{iter_num:07d}.dcp"
     target = os.path.join(out_dir, name)
     weights, optim = sharding.state_dicts(model, optimizer)
     dcp.save({'model': weights, 'optimizer': optim}, checkpoint_id=target)
     if dist.get_rank() == 0:
         torch.save(meta, os.path.join(target, 'meta.pt'))
-        link = os.path.join(out_dir, SHARDED[which])
-        old = os.readlink(link) if os.path.islink(link) else None
-        os.symlink(name, link + '.tmp')
-        os.replace(link + '.tmp', link)
-        if old and old != name and old not in map(os.readlink, sharded_links(out_dir)):
-            shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+        relink(out_dir, which, name)
     dist.barrier()
 
 
-def sharded_links(out_dir):
-    return [p for p in (os.path.join(out_dir, n) for n in SHARDED.values()) if os.path.islink(p)]
+def relink(out_dir, which, name=None):
+    """Points out_dir's link for `which` (ckpt.dcp, best.dcp) at the directory `name` by an atomic
+    rename, or removes it (name None); the directory it pointed at goes unless the other link holds it."""
+    link = os.path.join(out_dir, SHARDED_FILES[which])
+    old = os.readlink(link) if os.path.islink(link) else None
+    if name:
+        if os.path.lexists(link + '.tmp'):  # left by a crash
+            os.remove(link + '.tmp')
+        os.symlink(name, link + '.tmp')
+        os.replace(link + '.tmp', link)
+    elif old:
+        os.remove(link)
+    held = [os.readlink(p) for p in (os.path.join(out_dir, n) for n in SHARDED_FILES.values()) if os.path.islink(p)]
+    if old and old not in held:
+        shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
 
 
 def sharded_checkpoint(out_dir, which='latest'):
     """The directory of out_dir's sharded checkpoint, or None."""
-    link = os.path.join(out_dir, SHARDED[which])
+    link = os.path.join(out_dir, SHARDED_FILES[which])
     return link if os.path.isfile(os.path.join(link, 'meta.pt')) else None
 
 
@@ -173,34 +182,22 @@ def load_sharded(path, model, optimizer, sharding=None):
     """Loads a DCP checkpoint into model and optimizer however they are sharded now (a plain model
     in one process too): DCP reads the pieces each rank needs."""
     weights, optim = sharding.state_dicts(model, optimizer) if sharding else get_state_dict(model, optimizer)
-    dcp.load({'model': weights, 'optimizer': optim}, checkpoint_id=path)
+    dcp.load({'model': weights, 'optimizer': optim}, checkpoint_id=path, no_dist=not dist.is_initialized())
     if sharding:
         sharding.to_local(weights, optim)
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim)
 
 
-def remove_sharded(out_dir, which):
-    """A plain checkpoint replaces the sharded one of the same name (resume would prefer it)."""
-    link = os.path.join(out_dir, SHARDED[which])
-    if os.path.islink(link):
-        target = os.readlink(link)
-        os.remove(link)
-        if target not in map(os.readlink, sharded_links(out_dir)):
-            shutil.rmtree(os.path.join(out_dir, target), ignore_errors=True)
-
-
 def to_plain_main(argv):
     """python parallel.py to_plain --out_dir=RUN [--ckpt=latest|best]: RUN/ckpt.pt (or best.pt), the
     single-file checkpoint (weights, optimizer, step) of RUN's sharded one, for sample.py and friends"""
-    from checkpoint import FILES, save_checkpoint
-    from model import ModelConfig, Transformer
     ap = argparse.ArgumentParser(prog='python parallel.py to_plain', description=to_plain_main.__doc__.split(':')[0])
     ap.add_argument('--out_dir', required=True, help='the sharded run')
     ap.add_argument('--ckpt', default='latest', choices=['latest', 'best'])
     args = vars(ap.parse_args(argv))
     path = sharded_checkpoint(args['out_dir'], args['ckpt'])
     if path is None:
-        sys.exit(f"parallel.py: error: no sharded checkpoint at {os.path.join(args['out_dir'], SHARDED[args['ckpt']])}")
+        sys.exit(f"parallel.py: error: no sharded checkpoint at {os.path.join(args['out_dir'], SHARDED_FILES[args['ckpt']])}")
     meta = read_sharded_meta(path)
     model = Transformer(ModelConfig(**meta['model_args']))
     c = meta['config']

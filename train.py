@@ -31,11 +31,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (RESUMABLE, CheckpointError, check_model_args, checkpoint_file, load_model,
                         load_with_adapters, lora_checkpoint_fields, read_checkpoint, save_checkpoint)
-from flags import (at_most, below, boolean, check_flags, cuda_for_nccl, device_exists, divides, dtype_supported,
-                   less_than, needs_torchrun, non_empty, non_negative, one_of, positive, rule)
+from flags import (at_most, below, boolean, check_flags, cuda_for_nccl, device_exists, divides, divides_world_size,
+                   dtype_supported, less_than, needs_torchrun, non_empty, non_negative, one_of, positive, rule)
 from lora import add_lora, lora_state_dict, num_trainable
 from model import ModelConfig, Transformer
-from parallel import Sharding, load_sharded, read_sharded_meta, remove_sharded, save_sharded, sharded_checkpoint
+from parallel import Sharding, load_sharded, read_sharded_meta, relink, save_sharded, sharded_checkpoint
 from prepare import DOC_START, read_mask, read_shard, sft_window
 
 # -----------------------------------------------------------------------------
@@ -99,7 +99,7 @@ check_flags('train.py', globals(), {
     'lora_rank': non_negative, 'lora_alpha': positive, 'lora_dropout': below(1), 'lora_targets': non_empty,
     'activation_checkpointing': boolean,
     'fsdp': [boolean, needs_torchrun(off=False), rule(lambda v: not v or not lora_rank, "LoRA runs are not sharded")],
-    'ep': [positive, divides('n_routed_experts'), needs_torchrun(off=1, divides_world=True),
+    'ep': [positive, divides('n_routed_experts'), needs_torchrun(off=1), divides_world_size(),
            rule(lambda v: v == 1 or not lora_rank, "LoRA runs are not sharded")],
     'gradient_accumulation_steps': positive, 'batch_size': positive, 'vocab_size': non_negative,
     'max_iters': non_negative, 'learning_rate': positive, 'min_lr': [non_negative, at_most('learning_rate')],
@@ -201,6 +201,8 @@ try:
     gptconf = ModelConfig(**model_args)
 except (TypeError, ValueError) as e:
     fail(e, 2)
+if gptconf.n_routed_experts % ep:  # the checkpoint's architecture, which the flag rules did not see
+    fail(f"--ep={ep} must divide the model's n_routed_experts ({gptconf.n_routed_experts})", 2)
 globals().update(model_args)  # block_size and friends as the model has them
 config.update(model_args)     # the checkpoint records what this run actually used
 
@@ -265,7 +267,7 @@ if master:
                 os.remove(checkpoint_path(name))
         shutil.rmtree(checkpoint_path('tb'), ignore_errors=True)
         for which in ('latest', 'best'):
-            remove_sharded(out_dir, which)
+            relink(out_dir, which)
     os.makedirs(out_dir, exist_ok=True)
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes)")
 torch.manual_seed(seed + rank)
@@ -381,7 +383,7 @@ def save_run(name):
         return
     if not master:
         return
-    remove_sharded(out_dir, which)
+    relink(out_dir, which)
     weights = lora_state_dict(raw_model) if lora_run else raw_model.state_dict()  # LoRA: the adapters alone
     ckpt = {'model': weights, 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
