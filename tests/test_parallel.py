@@ -1,0 +1,89 @@
+"""Sharded training on CPU (gloo, 2 processes under torchrun): FSDP2, expert parallelism and both
+give one process's losses and weights on the same global batch; their DCP checkpoints resume
+exactly, also in one plain process, and convert to the single file that sample.py reads."""
+import shutil
+
+import pytest
+import torch
+
+from test_train import MICRO, REPO, records, run, train, work  # noqa: F401 (work is a fixture)
+
+ARGS = ['--max_iters=6', '--eval_interval=3', '--gradient_accumulation_steps=2', '--backend=gloo']
+
+
+def torchrun(cwd, *args, check=True):
+    return run(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(REPO / 'train.py'),
+                *MICRO, *ARGS, *args], cwd, check=check)
+
+
+def to_plain(cwd, out_dir):
+    run([str(REPO / 'parallel.py'), 'to_plain', f'--out_dir={out_dir}'], cwd)
+    return torch.load(cwd / out_dir / 'ckpt.pt', weights_only=False)
+
+
+def assert_same_run(cwd, sharded, plain, exact=False):
+    """The same eval losses and final weights and AdamW moments (float tolerance unless exact)."""
+    a, b = (torch.load(cwd / d / 'ckpt.pt', weights_only=False) for d in (sharded, plain))
+    same = torch.equal if exact else lambda x, y: torch.allclose(x, y, rtol=1e-4, atol=1e-6)
+    assert a['iter_num'] == b['iter_num'] == 6 and a['model'].keys() == b['model'].keys()
+    for name, value in b['model'].items():
+        assert same(a['model'][name], value), name
+    for i, state in b['optimizer']['state'].items():
+        assert same(a['optimizer']['state'][i]['exp_avg_sq'], state['exp_avg_sq']), i
+    evals = [{r['iter']: (r['train'], r['val']) for r in records(cwd / d, 'eval')} for d in (sharded, plain)]
+    assert sorted(evals[0]) == [0, 3, 6] and torch.allclose(*(torch.tensor([e[i] for i in (0, 3, 6)]) for e in evals))
+
+
+@pytest.fixture(scope='module')
+def single(work):
+    train(work, *ARGS, '--out_dir=single')
+    return work
+
+
+@pytest.mark.parametrize('name,flags', [('fsdp', ['--fsdp=True']), ('ep', ['--ep=2']),
+                                        ('fsdp_ep', ['--fsdp=True', '--ep=2'])])
+def test_sharded_matches_one_process(single, name, flags):
+    torchrun(single, f'--out_dir={name}', *flags)
+    run_dir = single / name
+    assert sorted(p.name for p in run_dir.glob('*.dcp')) == ['best.0000006.dcp', 'best.dcp', 'ckpt.0000006.dcp', 'ckpt.dcp']
+    assert not (run_dir / 'ckpt.pt').exists()
+    to_plain(single, name)
+    assert_same_run(single, name, 'single')
+    assert records(run_dir, 'train')[-1]['load_imbalance'] == pytest.approx(
+        records(single / 'single', 'train')[-1]['load_imbalance'])  # the loads are all-reduced
+
+
+def test_sharded_checkpoint_resumes_and_samples(single):
+    """3 steps with FSDP + EP, resumed to 6 by the same 2 processes (exactly the straight run) and by
+    one plain process (one process's run); sample.py reads the plain file made from it."""
+    torchrun(single, '--out_dir=half', '--fsdp=True', '--ep=2', '--max_iters=3')
+    shutil.copytree(single / 'half', single / 'half_one', symlinks=True)
+    p = run([str(REPO / 'sample.py'), '--out_dir=half', '--max_new_tokens=5'], single, check=False)
+    assert p.returncode != 0 and 'python parallel.py to_plain --out_dir=half' in p.stderr
+    torchrun(single, '--out_dir=half', '--fsdp=True', '--ep=2', '--init_from=resume')
+    assert sorted(p.name for p in (single / 'half').glob('*.dcp')) == ['best.0000006.dcp', 'best.dcp',
+                                                                       'ckpt.0000006.dcp', 'ckpt.dcp']
+    if not (single / 'fsdp_ep' / 'ckpt.pt').exists():
+        pytest.skip('needs the fsdp_ep run of test_sharded_matches_one_process')
+    to_plain(single, 'half')
+    assert_same_run(single, 'half', 'fsdp_ep', exact=True)
+    train(single, *ARGS, '--out_dir=half_one', '--init_from=resume')
+    assert not list((single / 'half_one').glob('*.dcp'))  # the plain checkpoint replaced the sharded one
+    assert_same_run(single, 'half_one', 'single')
+    p = run([str(REPO / 'sample.py'), '--out_dir=half', '--start=ROMEO:', '--max_new_tokens=20'], single)
+    assert 'ROMEO:' in p.stdout
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--fsdp=True'], '--fsdp=True: needs torchrun'),
+    (['--ep=3'], '--ep=3: must divide n_routed_experts (4)'),
+    (['--ep=2'], '--ep=2: needs torchrun'),
+])
+def test_sharding_flags_without_torchrun(work, args, message):
+    p = train(work, *args, check=False)
+    assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_ep_must_divide_the_processes(work):
+    p = torchrun(work, '--out_dir=ep4', '--ep=4', check=False)
+    assert p.returncode != 0 and '--ep=4: must divide the number of processes (2)' in p.stderr
