@@ -73,8 +73,8 @@ class Sharding:
                 moe.routed_experts = ExpertParallel(moe, self.mesh['ep'].get_group())
         self.expert_names = {n for n, p in model.named_parameters() if p in self.expert_params}
         if fsdp:
-            # bf16 weights in the matmuls, gradients reduced in fp32; CPUs compute in fp32
-            low = torch.bfloat16 if device_type == 'cuda' and dtype != torch.float32 else None
+            # weights in the run's dtype (bf16) in the matmuls, gradients reduced in fp32; CPUs compute in fp32
+            low = dtype if device_type == 'cuda' and dtype != torch.float32 else None
             policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
             world_mesh = init_device_mesh(device_type, (world,))
             for block in model.layers:

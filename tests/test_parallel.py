@@ -74,6 +74,16 @@ def test_sharded_checkpoint_resumes_and_samples(single):
     assert 'ROMEO:' in p.stdout
 
 
+def test_ep_with_every_token_on_one_expert(work):
+    """Rank 1 owns experts 2 and 3 and receives no token at all: it still steps with everyone."""
+    run(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(REPO / 'tests' / 'ddp_check.py'),
+         *MICRO, *ARGS, '--max_iters=2', '--eval_interval=2', '--n_activated_experts=1', '--ep=2', '--out_dir=onexpert'],
+        work, env={'FORCE_ONE_EXPERT': '1'})
+    state = torch.load(work / 'onexpert' / 'state.pt')
+    assert state['world_size'] == 2 and state['loads_seen'][:, 1:].sum() == 0
+    assert records(work / 'onexpert', 'eval')[-1]['val'] < records(work / 'onexpert', 'eval')[0]['val']
+
+
 @pytest.mark.parametrize('args,message', [
     (['--fsdp=True'], '--fsdp=True: needs torchrun'),
     (['--ep=3'], '--ep=3: must divide n_routed_experts (4)'),
