@@ -1,11 +1,13 @@
 """Sharded training on CPU (gloo, 2 processes under torchrun): FSDP2, expert parallelism and both
 give one process's losses and weights on the same global batch; their DCP checkpoints resume
 exactly, also in one plain process, and convert to the single file that sample.py reads."""
+import os
 import shutil
 
 import pytest
 import torch
 
+from parallel import relink
 from test_train import MICRO, REPO, records, run, train, work  # noqa: F401 (work is a fixture)
 
 ARGS = ['--max_iters=6', '--eval_interval=3', '--gradient_accumulation_steps=2', '--backend=gloo']
@@ -97,3 +99,23 @@ def test_sharding_flags_without_torchrun(work, args, message):
 def test_ep_must_divide_the_processes(work):
     p = torchrun(work, '--out_dir=ep4', '--ep=4', check=False)
     assert p.returncode != 0 and '--ep=4: must divide the number of processes (2)' in p.stderr
+
+
+def test_plain_resume_into_a_sharded_run_is_refused(single):
+    env = {'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '1', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': '29998'}
+    p = run([str(REPO / 'train.py'), *MICRO, *ARGS, '--out_dir=single', '--init_from=resume', '--fsdp=True'],
+            single, check=False, env=env)
+    assert p.returncode == 2 and 'reads a sharded checkpoint' in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_relink_moves_links_atomically_and_drops_what_no_link_holds(tmp_path):
+    for name in ('ckpt.0000003.dcp', 'ckpt.0000006.dcp', 'best.0000003.dcp', 'ckpt.0000009.dcp'):
+        (tmp_path / name).mkdir()
+    relink(tmp_path, 'latest', 'ckpt.0000003.dcp')
+    relink(tmp_path, 'best', 'ckpt.0000003.dcp')
+    (tmp_path / 'ckpt.dcp.tmp').symlink_to('ckpt.0000009.dcp')  # what a crash between the two steps leaves
+    relink(tmp_path, 'latest', 'ckpt.0000006.dcp')
+    assert os.readlink(tmp_path / 'ckpt.dcp') == 'ckpt.0000006.dcp' and (tmp_path / 'ckpt.0000003.dcp').is_dir()
+    relink(tmp_path, 'best', 'best.0000003.dcp')  # ckpt.0000003 is held by no link now
+    relink(tmp_path, 'latest')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['best.0000003.dcp', 'best.dcp', 'ckpt.0000009.dcp']
