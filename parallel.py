@@ -197,7 +197,8 @@ def to_plain_main(argv):
     args = vars(ap.parse_args(argv))
     path = sharded_checkpoint(args['out_dir'], args['ckpt'])
     if path is None:
-        sys.exit(f"parallel.py: error: no sharded checkpoint at {os.path.join(args['out_dir'], SHARDED_FILES[args['ckpt']])}")
+        where = os.path.join(args['out_dir'], SHARDED_FILES[args['ckpt']])
+        sys.exit(f"parallel.py: error: no sharded checkpoint at {where} (a run with --fsdp or --ep writes one)")
     meta = read_sharded_meta(path)
     model = Transformer(ModelConfig(**meta['model_args']))
     c = meta['config']

@@ -11,6 +11,7 @@ from parallel import relink
 from test_train import MICRO, REPO, records, run, train, work  # noqa: F401 (work is a fixture)
 
 ARGS = ['--max_iters=6', '--eval_interval=3', '--gradient_accumulation_steps=2', '--backend=gloo']
+SAVED_AT_6 = ['best.0000006.dcp', 'best.dcp', 'ckpt.0000006.dcp', 'ckpt.dcp']  # the links and what they point at
 
 
 def torchrun(cwd, *args, check=True):
@@ -47,7 +48,7 @@ def single(work):
 def test_sharded_matches_one_process(single, name, flags):
     torchrun(single, f'--out_dir={name}', *flags)
     run_dir = single / name
-    assert sorted(p.name for p in run_dir.glob('*.dcp')) == ['best.0000006.dcp', 'best.dcp', 'ckpt.0000006.dcp', 'ckpt.dcp']
+    assert sorted(p.name for p in run_dir.glob('*.dcp')) == SAVED_AT_6
     assert not (run_dir / 'ckpt.pt').exists()
     to_plain(single, name)
     assert_same_run(single, name, 'single')
@@ -63,8 +64,7 @@ def test_sharded_checkpoint_resumes_and_samples(single):
     p = run([str(REPO / 'sample.py'), '--out_dir=half', '--max_new_tokens=5'], single, check=False)
     assert p.returncode != 0 and 'python parallel.py to_plain --out_dir=half' in p.stderr
     torchrun(single, '--out_dir=half', '--fsdp=True', '--ep=2', '--init_from=resume')
-    assert sorted(p.name for p in (single / 'half').glob('*.dcp')) == ['best.0000006.dcp', 'best.dcp',
-                                                                       'ckpt.0000006.dcp', 'ckpt.dcp']
+    assert sorted(p.name for p in (single / 'half').glob('*.dcp')) == SAVED_AT_6  # step 3's went
     if not (single / 'fsdp_ep' / 'ckpt.pt').exists():
         pytest.skip('needs the fsdp_ep run of test_sharded_matches_one_process')
     to_plain(single, 'half')
@@ -79,7 +79,8 @@ def test_sharded_checkpoint_resumes_and_samples(single):
 def test_ep_with_every_token_on_one_expert(work):
     """Rank 1 owns experts 2 and 3 and receives no token at all: it still steps with everyone."""
     run(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(REPO / 'tests' / 'ddp_check.py'),
-         *MICRO, *ARGS, '--max_iters=2', '--eval_interval=2', '--n_activated_experts=1', '--ep=2', '--out_dir=onexpert'],
+         *MICRO, *ARGS, '--max_iters=2', '--eval_interval=2', '--n_activated_experts=1', '--ep=2',
+         '--out_dir=onexpert'],
         work, env={'FORCE_ONE_EXPERT': '1'})
     state = torch.load(work / 'onexpert' / 'state.pt')
     assert state['world_size'] == 2 and state['loads_seen'][:, 1:].sum() == 0
@@ -94,6 +95,11 @@ def test_ep_with_every_token_on_one_expert(work):
 def test_sharding_flags_without_torchrun(work, args, message):
     p = train(work, *args, check=False)
     assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_to_plain_without_a_sharded_checkpoint(work):
+    p = run([str(REPO / 'parallel.py'), 'to_plain', '--out_dir=nowhere'], work, check=False)
+    assert p.returncode == 1 and 'no sharded checkpoint at nowhere' in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
 def test_ep_must_divide_the_processes(work):
