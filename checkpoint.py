@@ -17,6 +17,7 @@ from model import TRAINING_FIELDS, ModelConfig, Transformer
 from prepare import sha256_files
 
 FILES = {'latest': 'ckpt.pt', 'best': 'best.pt'}
+SHARDED_FILES = {'latest': 'ckpt.dcp', 'best': 'best.dcp'}  # a sharded run's DCP directories (parallel.py)
 REQUIRED = ('model', 'model_args', 'tokenizer')
 RESUMABLE = REQUIRED + ('optimizer', 'scaler', 'rng', 'iter_num', 'best_val_loss', 'config')  # train.py's resume
 
@@ -37,6 +38,10 @@ def checkpoint_file(source, which='latest'):
     if which not in FILES:
         raise CheckpointError(f"which checkpoint: {which!r} is not one of {', '.join(map(repr, FILES))}")
     path = os.path.join(source, FILES[which]) if os.path.isdir(source) else source
+    sharded = os.path.join(source, SHARDED_FILES[which])
+    if not os.path.isfile(path) and os.path.isdir(sharded):
+        raise CheckpointError(f"{source} holds a sharded checkpoint ({sharded}): make the single file with "
+                              f"`python parallel.py to_plain --out_dir={source} --ckpt={which}`")
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py config/train_tiny.py)")
     return path

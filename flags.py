@@ -63,6 +63,21 @@ def less_than(other, unless=None):
                       lambda flags: f"must be < {other} ({flags[other]!r})")
 
 
+def divides(other):
+    return cross_rule(lambda v, flags: flags[other] % v == 0, lambda flags: f"must divide {other} ({flags[other]!r})")
+
+
+def needs_torchrun(off):
+    """A flag that shards over processes: any value but `off` needs torchrun."""
+    return rule(lambda v: v == off or 'WORLD_SIZE' in os.environ,
+                "needs torchrun (torchrun --standalone --nproc_per_node=N train.py ...)")
+
+
+def divides_world_size():
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    return rule(lambda v: world % v == 0, f"must divide the number of processes ({world})")
+
+
 def file_prefixed(prefix):
     """A value that is either text, or prefix + the path of a file that exists."""
     return rule(lambda v: not v.startswith(prefix) or os.path.isfile(v[len(prefix):]),

@@ -354,13 +354,18 @@ class MoE(nn.Module):
         x_sorted, offsets, row_map = ops.moe_permute(x, indices, c.n_routed_experts)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x_sorted = x_sorted.to(dtype)
-        h = F.silu(self.expert_mm(x_sorted, 'w1', offsets)) * self.expert_mm(x_sorted, 'w3', offsets)
-        y = ops.moe_unpermute(self.expert_mm(h, 'w2', offsets), row_map, weights)
+        y = ops.moe_unpermute(self.routed_experts(x_sorted, offsets), row_map, weights)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         load = torch.diff(offsets, prepend=offsets.new_zeros(1)).float()  # tokens per expert
         aux = self.aux_losses(scores, logits, indices, B, T) if self.training else None
         return y.view(B, T, D), aux, load
+
+    def routed_experts(self, x_sorted, offsets):
+        """The routed experts' SwiGLU over rows sorted by expert; parallel.py's expert parallelism
+        replaces it on a MoE layer with a dispatch to the ranks that own the experts."""
+        h = F.silu(self.expert_mm(x_sorted, 'w1', offsets)) * self.expert_mm(x_sorted, 'w3', offsets)
+        return self.expert_mm(h, 'w2', offsets)
 
     def expert_mm(self, x, name, offsets):
         """Rows sorted by expert times each expert's stacked weight `name` (w1, w2, w3); the seam

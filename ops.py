@@ -42,7 +42,7 @@ def moe_unpermute_reference(y_sorted: Tensor, row_map: Tensor, weights: Tensor):
     """y_sorted [T*k, D], row_map [T*k], weights [T, k] -> y [T, D] = sum_j w[t,j] y_sorted[row_map[t*k+j]]"""
     T, k = weights.shape
     acc = _acc_dtype(y_sorted)
-    y = y_sorted[row_map.long()].view(T, k, -1).to(acc)
+    y = y_sorted[row_map.long()].view(T, k, y_sorted.shape[-1]).to(acc)  # T may be 0 (a rank with no tokens)
     return torch.einsum('tkd,tk->td', y, weights.to(acc)).to(y_sorted.dtype)
 
 

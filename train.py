@@ -5,6 +5,8 @@ DDP on one node with 4 GPUs:
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare.py
 Two nodes (run on each, node_rank 0 and 1):
 $ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 train.py ...
+Sharded (parallel.py), for models past one GPU's memory: FSDP2, and the routed experts split 4 ways:
+$ torchrun --standalone --nproc_per_node=8 train.py config/train_scale.py --fsdp=True --ep=4
 Every global below can be set by a config file or --key=value (configurator.py).
 """
 import json
@@ -29,10 +31,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (RESUMABLE, CheckpointError, check_model_args, checkpoint_file, load_model,
                         load_with_adapters, lora_checkpoint_fields, read_checkpoint, save_checkpoint)
-from flags import (at_most, below, boolean, check_flags, cross_rule, cuda_for_nccl, device_exists,
-                   dtype_supported, less_than, non_empty, non_negative, one_of, positive, rule)
+from flags import (at_most, below, boolean, check_flags, cross_rule, cuda_for_nccl, device_exists, divides,
+                   divides_world_size, dtype_supported, less_than, needs_torchrun, non_empty, non_negative, one_of,
+                   positive, rule)
 from lora import add_lora, lora_state_dict, num_trainable
 from model import ModelConfig, Transformer
+from parallel import Sharding, load_sharded, read_sharded_meta, relink, save_sharded, sharded_checkpoint
 from prepare import DOC_START, mask_path, read_mask, read_shard, read_windows
 
 # -----------------------------------------------------------------------------
@@ -83,6 +87,9 @@ compile = torch.cuda.is_available()
 # are static), the default on one GPU; under torchrun the default mode ('default')
 compile_mode = 'reduce-overhead' if torch.cuda.is_available() and 'RANK' not in os.environ else 'default'
 activation_checkpointing = False  # recompute each block's activations in the backward: less memory
+# sharding under torchrun (parallel.py); neither: DDP, every rank holding the whole model
+fsdp = False  # FSDP2: weights, gradients and optimizer state sharded over all ranks
+ep = 1        # expert parallelism: each rank holds n_routed_experts / ep routed experts of each MoE layer
 seed = 1337
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -101,6 +108,9 @@ check_flags('train.py', globals(), {
                       "must be 'scratch', 'resume', 'ckpt:PATH' or 'hf:DIR'"),
     'lora_rank': non_negative, 'lora_alpha': positive, 'lora_dropout': below(1), 'lora_targets': non_empty,
     'activation_checkpointing': boolean,
+    'fsdp': [boolean, needs_torchrun(off=False), rule(lambda v: not v or not lora_rank, "LoRA runs are not sharded")],
+    'ep': [positive, divides('n_routed_experts'), needs_torchrun(off=1), divides_world_size(),
+           rule(lambda v: v == 1 or not lora_rank, "LoRA runs are not sharded")],
     'gradient_accumulation_steps': positive, 'batch_size': positive, 'vocab_size': non_negative,
     'max_iters': non_negative, 'learning_rate': positive, 'min_lr': [non_negative, at_most('learning_rate')],
     'weight_decay': non_negative, 'beta1': below(1), 'beta2': below(1), 'grad_clip': non_negative,
@@ -161,9 +171,15 @@ def architecture_from(ckpt_args):
         fail(e, 2)
 
 
+sharded = fsdp or ep > 1
+sharded_ckpt = sharded_checkpoint(out_dir) if init_from == 'resume' else None  # DCP: any world size
 if init_from == 'resume':
+    if sharded and not sharded_ckpt:
+        fail(f"--init_from=resume with --fsdp/--ep reads a sharded checkpoint ({checkpoint_path('ckpt.dcp')}): "
+             f"resume a plain ckpt.pt without them", 2)
     try:
-        checkpoint = read_checkpoint(checkpoint_file(checkpoint_path('ckpt.pt')), required=RESUMABLE)
+        checkpoint = read_sharded_meta(sharded_ckpt) if sharded_ckpt else \
+            read_checkpoint(checkpoint_file(checkpoint_path('ckpt.pt')), required=RESUMABLE)
     except CheckpointError as e:
         fail(f"--init_from=resume: {e}")
     model_args = architecture_from(checkpoint['model_args'])
@@ -172,7 +188,7 @@ if init_from == 'resume':
         print(f"nothing to do: {checkpoint_path('ckpt.pt')} is at step {iter_num} and --max_iters={max_iters}")
         sys.exit(0)
 else:
-    run_files = [n for n in ('ckpt.pt', 'best.pt', 'log.jsonl') if os.path.exists(checkpoint_path(n))]
+    run_files = [n for n in ('ckpt.pt', 'best.pt', 'ckpt.dcp', 'log.jsonl') if os.path.lexists(checkpoint_path(n))]
     if run_files and not overwrite:
         fail(f"--out_dir={out_dir!r} already holds a run ({', '.join(run_files)}): resume it with --init_from=resume, "
              f"pick another out_dir, or pass --overwrite=True to replace it", 2)
@@ -198,6 +214,8 @@ try:
     gptconf = ModelConfig(**model_args)
 except (TypeError, ValueError) as e:
     fail(e, 2)
+if gptconf.n_routed_experts % ep:  # the checkpoint's architecture, which the flag rules did not see
+    fail(f"--ep={ep} must divide the model's n_routed_experts ({gptconf.n_routed_experts})", 2)
 globals().update(model_args)  # block_size and friends as the model has them
 config.update(model_args)     # the checkpoint records what this run actually used
 
@@ -257,6 +275,8 @@ if master:
             if os.path.exists(checkpoint_path(name)):
                 os.remove(checkpoint_path(name))
         shutil.rmtree(checkpoint_path('tb'), ignore_errors=True)
+        for which in ('latest', 'best'):
+            relink(out_dir, which)
     os.makedirs(out_dir, exist_ok=True)
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes)")
 torch.manual_seed(seed + rank)
@@ -303,7 +323,7 @@ if lora_run is not None and checkpoint is not None:  # resuming a LoRA run: its 
         fail(e)
 else:
     model = Transformer(gptconf)
-    weights = checkpoint['model'] if checkpoint is not None else init_model.state_dict() if init_model else None
+    weights = checkpoint.get('model') if checkpoint is not None else init_model.state_dict() if init_model else None
     if weights is not None:
         model.load_state_dict(weights)
     if lora_run is not None:
@@ -324,6 +344,7 @@ if master:
     trainable, total = num_trainable(model), sum(p.numel() for p in model.parameters())
     print(f"trainable: {trainable:,} of {total:,} parameters ({trainable / total:.2%})")
 
+sharding = Sharding(model, fsdp, ep, device_type, ptdtype) if sharded else None
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 if checkpoint is not None and checkpoint['config'].get('optimizer', 'adamw') != config['optimizer']:
     fail(f"--optimizer={config['optimizer']!r}: {checkpoint_path('ckpt.pt')} was trained with "
@@ -332,25 +353,45 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
                                        muon_lr=(muon_lr or learning_rate) if optimizer == 'muon' else 0.0,
                                        muon_momentum=muon_momentum)
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint['optimizer'])
+    if sharded_ckpt:
+        load_sharded(sharded_ckpt, model, optimizer, sharding)
+    else:
+        optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
-    if not ddp:  # each rank's dropout stream is its own; one process continues exactly
+    if not ddp and not sharded_ckpt:  # each rank's dropout stream is its own; one process continues exactly
         torch.set_rng_state(checkpoint['rng']['cpu'])
         if device_type == 'cuda' and checkpoint['rng']['cuda'] is not None:
             torch.cuda.set_rng_state(checkpoint['rng']['cuda'])
 checkpoint = None
 
 raw_model = model
-if compile:
+if compile and sharded:  # block by block, inside FSDP2's gathers
+    for block in model.layers:
+        block.compile()
+elif compile:
     model = torch.compile(model, mode=compile_mode)
-if ddp:
+if sharded:
+    model = sharding.model
+elif ddp:
     # biases are kept equal by all-reducing the loads (below), so no buffer broadcast per step
     model = DDP(model, device_ids=[torch.cuda.current_device()] if backend == 'nccl' else None,
                 broadcast_buffers=False)
-eval_model = model.module if ddp else model  # no DDP hooks for forward-only passes
+eval_model = model.module if isinstance(model, DDP) else model  # no DDP hooks for forward-only passes
 
 
 def save_run(name):
+    """Plain: rank 0 writes out_dir/name. Sharded: every rank writes its part of a DCP directory."""
+    which = 'best' if name == 'best.pt' else 'latest'
+    if sharded:
+        info = {'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
+                'tokenizer': meta['tokenizer'], 'scaler': scaler.state_dict()}
+        save_sharded(out_dir, which, iter_num, raw_model, optimizer, sharding, info)
+        if master and os.path.exists(checkpoint_path(name)):  # a stale plain copy would shadow it
+            os.remove(checkpoint_path(name))
+        return
+    if not master:
+        return
+    relink(out_dir, which)
     weights = lora_state_dict(raw_model) if lora_run else raw_model.state_dict()  # LoRA: the adapters alone
     ckpt = {'model': weights, 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
@@ -366,10 +407,12 @@ def estimate_loss():
     model.eval()
     for split in ('train', 'val'):
         total = torch.zeros(2, device=device)
-        for k in range(rank, eval_iters, world_size):
+        # as many passes on every rank (a sharded model gathers in each), the extra ones weighing 0
+        for k in range(rank, -(-eval_iters // world_size) * world_size, world_size):
             X, Y, D = get_batch(split, np.random.default_rng([seed, k, 7]))
+            weight = torch.tensor(float(k < eval_iters), device=device)
             with ctx:
-                total += torch.stack([eval_model(X, Y, doc_ids=D)[2]['ce'].float(), torch.ones((), device=device)])
+                total += torch.stack([eval_model(X, Y, doc_ids=D)[2]['ce'].float() * weight, weight])
         if ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item()
@@ -480,23 +523,26 @@ while True:
                 if shares is not None:
                     tensorboard_expert_load(tb, shares, iter_num)
                 tb.flush()
-            improved = losses['val'] < best_val_loss
-            best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > start_iter and (improved or always_save_checkpoint):
-                save_run('ckpt.pt')
-                if improved:
-                    save_run('best.pt')
+        improved = losses['val'] < best_val_loss  # the same on every rank: the losses are all-reduced
+        best_val_loss = min(best_val_loss, losses['val'])
+        if iter_num > start_iter and (improved or always_save_checkpoint):
+            save_run('ckpt.pt')
+            if improved:
+                save_run('best.pt')
+            if master:
                 print(f"saved checkpoint to {out_dir}")
-            if iter_num > start_iter:
-                plot_losses()
-                plot_expert_load()
+        if iter_num > start_iter and master:
+            plot_losses()
+            plot_expert_load()
         t0, timed_steps = time.time(), 0
     if iter_num == max_iters or eval_only:
         break
 
     load = 0.0
     for micro_step in range(gradient_accumulation_steps):
-        if ddp:  # sync gradients only on the last micro-step
+        if sharded:  # sync gradients only on the last micro-step
+            sharding.set_gradient_sync(micro_step == gradient_accumulation_steps - 1)
+        elif ddp:
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
         with ctx:
             _, loss, stats = model(X, Y, doc_ids=D)
@@ -505,10 +551,13 @@ while True:
         last = micro_step == gradient_accumulation_steps - 1
         X, Y, D = get_batch('train', batch_rng(iter_num + last, 0 if last else micro_step + 1))
         scaler.scale(loss).backward()
+    if sharded:
+        sharding.sync_expert_grads()
     grad_norm = None
     if grad_clip != 0.0 or iter_num % log_interval == 0:  # without clipping, the norm only for the log
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
+        clip = sharding.clip_grad_norm if sharded else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(list(raw_model.parameters()), grad_clip or float('inf'))
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -555,5 +604,5 @@ if ddp:
     # teardown, and torchrun then kills rank 0 mid-write); the DDP wrapper holds the process group, so
     # it goes first: gloo's threads then stop here, not during interpreter shutdown.
     dist.barrier()
-    model = eval_model = None
+    model = eval_model = sharding = None
     dist.destroy_process_group()

@@ -62,7 +62,7 @@ TRAIN_BAD = [
     ('--seed=-1', "--seed=-1: must be >= 0"),
     ('--vocab_size=-1', "--vocab_size=-1: must be >= 0"),
     ('--out_dir=', "--out_dir='': must not be empty"),
-    ('--init_from=gpt2', "--init_from='gpt2': must be one of 'scratch', 'resume'"),
+    ('--init_from=gpt2', "--init_from='gpt2': must be 'scratch', 'resume', 'ckpt:PATH' or 'hf:DIR'"),
     ('--backend=mpi', "--backend='mpi': must be one of 'nccl', 'gloo'"),
     ('--dtype=float64', "--dtype='float64': must be 'float32', 'bfloat16' or 'float16'"),
     ('--device=tpu', "--device='tpu': no such device on this machine"),
