@@ -84,8 +84,9 @@ device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is
 dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
 compile = torch.cuda.is_available()
 # torch.compile's mode: 'reduce-overhead' replays forward and backward as CUDA graphs (the MoE's shapes
-# are static), the default on one GPU; under torchrun the default mode ('default')
-compile_mode = 'reduce-overhead' if torch.cuda.is_available() and 'RANK' not in os.environ else 'default'
+# are static). 'auto': that on one GPU with one micro-step per step (with several, a replay overwrote
+# outputs the step still needed, on an H100), else 'default'
+compile_mode = 'auto'
 activation_checkpointing = False  # recompute each block's activations in the backward: less memory
 # sharding under torchrun (parallel.py); neither: DDP, every rank holding the whole model
 fsdp = False  # FSDP2: weights, gradients and optimizer state sharded over all ranks
@@ -100,9 +101,12 @@ check_flags('train.py', globals(), {
     'out_dir': non_empty, 'dataset': non_empty,
     'eval_interval': positive, 'log_interval': positive, 'eval_iters': positive,
     'eval_only': boolean, 'always_save_checkpoint': boolean, 'decay_lr': boolean, 'compile': boolean,
-    'compile_mode': [one_of('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
-                     rule(lambda v: v in ('default', 'max-autotune-no-cudagraphs') or 'RANK' not in os.environ,
-                          "CUDA graphs take one process: under torchrun 'default' or 'max-autotune-no-cudagraphs'")],
+    'compile_mode': [one_of('auto', 'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
+                     rule(lambda v: v in ('auto', 'default', 'max-autotune-no-cudagraphs') or 'RANK' not in os.environ,
+                          "CUDA graphs take one process: under torchrun 'default' or 'max-autotune-no-cudagraphs'"),
+                     cross_rule(lambda v, f: v not in ('reduce-overhead', 'max-autotune')
+                                or f['gradient_accumulation_steps'] == 1,
+                                "CUDA graphs take one micro-step per step: --gradient_accumulation_steps=1")],
     'overwrite': boolean, 'tensorboard': boolean,
     'init_from': rule(lambda v: v in ('scratch', 'resume') or v.startswith(('ckpt:', 'hf:')),
                       "must be 'scratch', 'resume', 'ckpt:PATH' or 'hf:DIR'"),
@@ -121,6 +125,9 @@ check_flags('train.py', globals(), {
     'backend': [one_of('nccl', 'gloo'), cuda_for_nccl], 'device': device_exists(), 'dtype': dtype_supported(),
     'seed': non_negative,
 })
+if compile_mode == 'auto':
+    one_gpu_step = 'cuda' in device and 'RANK' not in os.environ and gradient_accumulation_steps == 1
+    compile_mode = 'reduce-overhead' if one_gpu_step else 'default'
 # -----------------------------------------------------------------------------
 
 

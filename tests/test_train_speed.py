@@ -108,6 +108,7 @@ def test_muon_trains_and_resumes_exactly(work):
     (['--muon_momentum=1.0'], {}, "--muon_momentum=1.0: must be in [0, 1)"),
     (['--compile_mode=fast'], {}, "--compile_mode='fast': must be one of"),
     (['--compile_mode=reduce-overhead'], {'RANK': '0'}, "CUDA graphs take one process"),
+    (['--compile_mode=reduce-overhead', '--gradient_accumulation_steps=2'], {}, "one micro-step per step"),
 ])
 def test_bad_flags(work, args, env, message):
     p = train(work, '--out_dir=bad', *args, check=False, env=env)
@@ -115,14 +116,13 @@ def test_bad_flags(work, args, env, message):
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-GPU = ['--device=cuda', '--dtype=bfloat16', '--max_iters=8', '--eval_interval=4', '--gradient_accumulation_steps=2']
+GPU = ['--device=cuda', '--dtype=bfloat16', '--max_iters=8', '--eval_interval=4']
 
 
 @cuda
 def test_graph_step_matches_eager_and_resumes_exactly(work):
-    """compile_mode='reduce-overhead' (forward and backward as CUDA graphs, two micro-steps a step: the
-    first one's gradients stay alive across the second's replay) against eager, in bf16;
-    then a resumed graph run against the straight one. Embedding backward adds with atomics on GPU,
+    """compile_mode='reduce-overhead' (forward and backward as CUDA graphs, one micro-step a step)
+    against eager, in bf16; then a resumed graph run against the straight one. Embedding backward adds with atomics on GPU,
     so the resume is held to float noise rather than bit equality."""
     graph = ['--compile=True', '--compile_mode=reduce-overhead']
     train(work, '--out_dir=eager', *GPU)
