@@ -25,8 +25,8 @@ import time
 from dataclasses import fields
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from bench_decode import events_ms, kernel_ms
 from model import ModelConfig, Transformer
 
 parser = argparse.ArgumentParser()
@@ -50,28 +50,6 @@ vocab_size = run.get('vocab_size') or 64 * math.ceil(dataset_vocab / 64)
 cfg = ModelConfig(**{**{k: v for k, v in run.items() if k in model_fields}, 'vocab_size': vocab_size})
 B, T = run.get('batch_size', 32), cfg.block_size
 lr = run.get('learning_rate', 1e-3)
-
-
-def events_ms(fn, reps=7, n=10):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / n)
-    return statistics.median(times)
-
-
-def kernel_ms(fn, n=10):
-    """Summed GPU time of everything fn launches, per call."""
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / n
 
 
 def training_step(mode):
