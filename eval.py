@@ -63,6 +63,7 @@ from flags import check_flags, non_negative, one_of, positive, usage_error
 from prepare import EOT, get_tokenizer, gpt2_encoding, read_shard, vocab_size_of
 
 try:  # lm-evaluation-harness is optional: only the adapter needs it
+    import lm_eval.models  # noqa: F401  lm_eval's own models first: it only loads them into an empty registry
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError:

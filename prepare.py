@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import urllib.request
+from pathlib import Path
 from functools import lru_cache
 from importlib import resources
 

@@ -6,7 +6,6 @@ Everything it needs (weights, architecture, tokenizer) comes from the checkpoint
 """
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 

@@ -1,8 +1,6 @@
 """Issue 18's CPU-checkable parts: the batched loader reads the very windows that the per-row loader
 read; Muon orthogonalizes each expert's matrix, trains, and resumes exactly; the new flags. On a CUDA
 GPU also: the CUDA-graph step (compile_mode='reduce-overhead') against the eager step, and its resume."""
-import json
-import os
 import sys
 from pathlib import Path
 
