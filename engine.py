@@ -135,7 +135,26 @@ class Sampler:
 
 
 # -----------------------------------------------------------------------------
+# scoring: the windows a long sequence is read in (engine.score, eval.py)
 
+def windows(n_tokens, block_size, stride):
+    """(start, end, n_scored) per window: the model reads tokens[start:end] and the last n_scored of
+    its predictions, for tokens[end - n_scored + 1 : end + 1], are scored. Tokens 1..n_tokens-1 are
+    each scored exactly once. stride 0: windows side by side, each scoring all it reads; stride S:
+    after the first window, each reads a full block (as far as there is one) and scores its last S."""
+    if n_tokens < 2:
+        return []
+    end = min(block_size, n_tokens - 1)
+    out = [(0, end, end)]
+    while end < n_tokens - 1:
+        new_end = min(end + (stride or block_size), n_tokens - 1)
+        out.append((max(0, new_end - block_size) if stride else end, new_end, new_end - end))
+        end = new_end
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the engine: slots, prefill, the decode step (a CUDA graph per batch bucket), speculative decoding
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch=64, cuda_graphs=None, cache_mode='latent', speculative=False,
@@ -331,10 +350,10 @@ class Engine:
         for r in batch:  # the pending token at position p = len - 1; the MTP block reruns p - 2, p - 1
             p = len(r.context) - 1
             ids.append([r.context[-1], p, r.context[max(p - 1, 1)], max(p - 2, 0)])
-        logits, accepted, first, bonus = self.run_step(ids)
-        logprobs = self.logprobs(logits, torch.stack([first, bonus], 1), batch)
+        logits, picks = self.run_step(ids)  # picks [n, 3]: accepted, first token, bonus token
+        logprobs = self.logprobs(logits, picks[:, 1:], batch)
         self.drafted += len(batch)
-        for r, (ok, t0, t1), lp in zip(batch, torch.stack([accepted.long(), first, bonus], 1).tolist(), logprobs):
+        for r, (ok, t0, t1), lp in zip(batch, picks.tolist(), logprobs):
             self.accepted += ok
             r.cached = len(r.context) + ok  # the pending token, and the draft when it is kept
             self.append(r, t0, lp and lp[0])
@@ -348,7 +367,7 @@ class Engine:
         # the next draft starts from the two verified positions, or from the one before them and the first
         B = ids.size(0)
         self.mtp_hidden[:B] = torch.where(accepted[:, None, None], h, torch.cat([self.mtp_hidden[:B, 1:], h[:, :1]], 1))
-        return logits, accepted, first, bonus
+        return logits, torch.stack([accepted.long(), first, bonus], 1)
 
     def draft_and_verify(self, pending, pos, token_mtp, pos_mtp):
         """The MTP block drafts the token after the pending one (from the main model's states at
@@ -420,17 +439,6 @@ class Engine:
             for a, (cache, latent) in zip(attns, saved):
                 a.cache, a.latent = cache, latent
 
-    def windows(self, n):
-        """(start, end, first scored) windows of at most block_size tokens over a sequence of n:
-        each token past the first is scored once, with at least block_size/2 tokens of context."""
-        L, stride, start, scored = self.block_size, self.block_size // 2, 0, 1
-        while True:
-            end = min(start + L, n)
-            yield start, end, scored
-            if end == n:
-                return
-            start, scored = start + stride, end
-
     @torch.no_grad()
     def score(self, sequences):
         """log p(token_i | tokens before it) for i >= 1 of each sequence."""
@@ -438,10 +446,10 @@ class Engine:
         with self.uncached():
             for seq in sequences:
                 values = []
-                for start, end, first in self.windows(len(seq)):
-                    idx = torch.tensor(seq[start:end], device=self.device)[None]
-                    logp = self.logits(self.model.trunk(idx)[0][0, :-1]).log_softmax(-1)
-                    values += logp.gather(1, idx[0, 1:, None])[first - start - 1:, 0].tolist()
+                for start, end, n in windows(len(seq), self.block_size, self.block_size // 2):
+                    idx = torch.tensor(seq[start:end + 1], device=self.device)
+                    logp = self.logits(self.model.trunk(idx[None, :-1])[0][0, -n:]).log_softmax(-1)
+                    values += logp.gather(1, idx[-n:, None])[:, 0].tolist()
                 out.append(values)
         return out
 

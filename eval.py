@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_model
-from engine import Engine, SamplingParams
+from engine import Engine, SamplingParams, windows
 from flags import check_flags, non_negative, one_of, positive, usage_error
 from prepare import EOT, get_tokenizer, gpt2_encoding, read_shard, vocab_size_of
 
@@ -167,22 +167,6 @@ def read_mc(path):
 
 # -----------------------------------------------------------------------------
 # scoring: every figure below comes from score_batch
-
-def windows(n_tokens, block_size, stride):
-    """(start, end, n_scored) per window: the model reads tokens[start:end] and the last n_scored of
-    its predictions, for tokens[end - n_scored + 1 : end + 1], are scored. Tokens 1..n_tokens-1 are
-    each scored exactly once. stride 0: windows side by side, each scoring all it reads; stride S:
-    after the first window, each reads a full block (as far as there is one) and scores its last S."""
-    if n_tokens < 2:
-        return []
-    end = min(block_size, n_tokens - 1)
-    out = [(0, end, end)]
-    while end < n_tokens - 1:
-        new_end = min(end + (stride or block_size), n_tokens - 1)
-        out.append((max(0, new_end - block_size) if stride else end, new_end, new_end - end))
-        end = new_end
-    return out
-
 
 @torch.no_grad()
 def score_batch(model, seqs, n_scored, device):
