@@ -2,16 +2,23 @@
 Decode speed of engine.py on a GPU (bf16, random weights): one decode step of every sequence at a
 given cache length (sampling included), replayed from the engine's CUDA graph, next to the same step run eagerly and to
 the summed GPU time of the step's kernels (profiler). The graph's step time over the kernel time
-says how much host overhead is left (1.0 = none).
-$ python bench_decode.py [--layers 4] [--out PATH]
+says how much host overhead is left (1.0 = none). --speculative: the char model with an MTP block,
+plain against speculative steps (a draft and its verification), each also with torch.compile
+fusing the step's small ops before the graph is captured. --hf_dir: a Hugging Face directory
+(e.g. `python hf.py random --hf_dir=v2-lite`, DeepSeek-V2-Lite's shape) loaded and decoded whole.
+$ python bench_decode.py [--layers 4] [--speculative] [--hf_dir DIR [--block_size 4096]] [--out PATH]
 """
 import argparse
+import os
 import statistics
+import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from engine import Engine
+from checkpoint import load_model
+from engine import Engine, SamplingParams
 from model import ModelConfig, Transformer
 
 
@@ -39,47 +46,104 @@ def events_ms(fn, reps=7, n=20):
 
 
 def kernel_ms(fn, n=10):
-    """Summed GPU time of everything fn launches, per call."""
+    """Summed GPU time of everything fn launches, and how many kernels, per call."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             fn()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / n
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in kernels) / 1e3 / n, sum(e.count for e in kernels) // n
+
+
+def step_inputs(engine, B, T):
+    """The B-bucket graph's inputs set for a full cache of T: tokens at random, each sequence's
+    pending token at T - 1 (speculative: T - 2, its draft at T - 1), sampling at temperature 0.8, top-k 200."""
+    graph, (ids, params, u), _ = engine.graphs[B]
+    ids.random_(0, 128)
+    ids[:, 1] = T - 1 - engine.speculative
+    if engine.speculative:
+        ids[:, 3] = T - 4  # where the MTP block restarts
+    params[:, 0] = 0.8
+    params[:, 1:] = torch.tensor([200.0, 1.0, 0.0])
+    return graph, (ids, params, u)
+
+
+def measure(name, model, B, T, speculative=False, compile=False, tokenizer=TOKENIZER):
+    engine = Engine(model, tokenizer, max_batch=B, speculative=speculative, compile=compile)
+    graph, inputs = step_inputs(engine, B, T)
+    eager = lambda: engine.step_fn(*inputs)
+    with torch.no_grad():
+        graph_ms, eager_ms, (gpu_ms, n_kernels) = events_ms(graph.replay), events_ms(eager), kernel_ms(eager)
+    return dict(model=name, step=('speculative' if speculative else 'plain') + (' + compile' if compile else ''),
+                batch=B, cache=T, graph_ms=graph_ms, eager_ms=eager_ms, gpu_ms=gpu_ms, kernels=n_kernels)
+
+
+COLUMNS = [('model', '{}'), ('step', '{}'), ('batch', '{}'), ('cache', '{}'), ('step ms (graph)', '{graph_ms:.3f}'),
+           ('step ms (eager)', '{eager_ms:.3f}'), ('GPU kernel ms', '{gpu_ms:.3f}'), ('kernels', '{kernels}'),
+           ('graph / kernels', '{ratio:.2f}'), ('steps/s', '{steps:,.0f}')]
+
+
+def show(row):
+    row = {**row, 'ratio': row['graph_ms'] / row['gpu_ms'], 'steps': 1e3 / row['graph_ms']}
+    return [fmt.format(row[name], **row) if fmt == '{}' else fmt.format(**row)
+            for (name, fmt) in COLUMNS]
+
+
+def imported(hf_dir, block_size):
+    """Load a Hugging Face directory onto the GPU (time, memory), decode 256 tokens after a 32-token
+    prompt at batch 1 and 32 through engine.generate (tokens/s), and return its step-timing cases."""
+    t0 = time.time()
+    model, ckpt = load_model(hf_dir, device='cuda', block_size=block_size)
+    torch.cuda.synchronize()
+    print(f"loaded {hf_dir} in {time.time() - t0:.1f} s: {model.num_params() / 1e9:.2f}B parameters, "
+          f"{model.num_params(active=True) / 1e9:.2f}B active, {torch.cuda.memory_allocated() / 2**30:.1f} GiB on the GPU")
+    name = f"{os.path.basename(hf_dir.rstrip('/'))} ({model.cfg.n_layer} layers, imported)"
+    for B in (1, 32):
+        engine = Engine(model, ckpt['tokenizer'], max_batch=B)
+        prompts = torch.randint(0, 50000, (B, 32)).tolist()
+        torch.cuda.synchronize()
+        t0 = time.time()
+        out = engine.generate(prompts, SamplingParams(max_tokens=256, temperature=0.8, top_k=200))
+        dt = time.time() - t0
+        print(f"{name}: batch {B}, generate(): {sum(len(r.tokens) for r in out) / dt:,.0f} tokens/s "
+              f"(256 new tokens each, prefill included), peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        del engine
+    return [(name, model, B, block_size, False, False, ckpt['tokenizer']) for B in (1, 32)]
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('--layers', type=int, default=4, help='layers of the V2-Lite-shaped stack (27 in V2-Lite)')
+    parser.add_argument('--speculative', action='store_true',
+                        help='the char model with an MTP block: plain vs speculative steps, each also compiled')
+    parser.add_argument('--hf_dir', default=None, help='a Hugging Face directory (hf.py random): load it, decode at batch 1 and 32')
+    parser.add_argument('--block_size', type=int, default=4096, help="with --hf_dir: the context (and cache) length")
     parser.add_argument('--out', default=None, help='also write the markdown table to this file')
     args = parser.parse_args()
     assert torch.cuda.is_available(), 'needs a CUDA GPU'
     torch.manual_seed(1337)
+    if args.hf_dir:
+        cases = imported(args.hf_dir, args.block_size)
+    elif args.speculative:
+        model = Transformer(ModelConfig(**CHAR, mtp_depth=1)).to('cuda', torch.bfloat16).eval()
+        cases = [('char (7 layers + MTP)', model, B, 256, spec, comp)
+                 for B in (1, 16, 64) for comp in (False, True) for spec in (False, True)]
+    else:
+        cases = []
+        for name, shape, cache_lens in [('char (7 layers)', CHAR, [256]),
+                                        (f'V2-Lite-shaped ({args.layers} layers)', {**V2_LITE, 'n_layer': args.layers}, [2048, 8192])]:
+            for T in cache_lens:
+                model = Transformer(ModelConfig(**{**shape, 'block_size': T})).to('cuda', torch.bfloat16).eval()
+                cases += [(name, model, B, T, False, False) for B in (1, 16, 64)]
     rows = []
-    for name, shape, cache_lens in [('char (7 layers)', CHAR, [256]),
-                                    (f'V2-Lite-shaped ({args.layers} layers)', {**V2_LITE, 'n_layer': args.layers}, [2048, 8192])]:
-        for T in cache_lens:
-            model = Transformer(ModelConfig(**{**shape, 'block_size': T})).to('cuda', torch.bfloat16).eval()
-            for B in (1, 16, 64):
-                engine = Engine(model, TOKENIZER, max_batch=B)
-                graph, (ids, params, u), _ = engine.graphs[B]
-                ids[:, 0].random_(0, 128)
-                ids[:, 1].fill_(T - 1)  # every sequence attends over a full cache
-                params[:, 0] = 0.8      # temperature 0.8, top-k 200, top-p 1, not greedy: sampling included
-                params[:, 1:] = torch.tensor([200.0, 1.0, 0.0])
-                eager = lambda: engine.step_fn(ids, params, u)
-                with torch.no_grad():
-                    graph_ms, eager_ms, gpu_ms = events_ms(graph.replay), events_ms(eager), kernel_ms(eager)
-                row = (name, str(B), str(T), f"{graph_ms:.3f}", f"{eager_ms:.3f}", f"{gpu_ms:.3f}",
-                       f"{graph_ms / gpu_ms:.2f}", f"{B / graph_ms * 1e3:,.0f}")
-                rows.append(row)
-                print(' | '.join(row), flush=True)
-                del engine, graph
-            del model
-            torch.cuda.empty_cache()
+    for case in cases:
+        rows.append(show(measure(*case)))
+        print(' | '.join(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
 
-    header = ('model', 'batch', 'cache', 'step ms (graph)', 'step ms (eager)', 'GPU kernel ms', 'graph / kernels', 'tokens/s')
+    header = [name for name, _ in COLUMNS]
     table = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, random weights; medians",
              '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     table += ['| ' + ' | '.join(row) + ' |' for row in rows]

@@ -13,6 +13,8 @@ parameters and ends share one batch of fixed cache slots (continuous batching).
   the main model verifies it in the same step (two query positions per sequence), and the draft is
   accepted or resampled so that every token is distributed exactly as the model says (greedy:
   the same tokens as plain decoding).
+- compile=True: torch.compile fuses each step's small ops before its graph is captured (the step's
+  kernels roughly halve; costs a compilation per batch bucket at start-up).
 One engine per model at a time: it owns the model's caches.
 """
 import math
@@ -88,9 +90,10 @@ def filtered_probs(logits, params):
 
 
 def draw(probs, u):
-    """One token per row by inverting the cumulative distribution at u [B] in (0, 1]."""
+    """One token per row by inverting the cumulative distribution at u [B] in [0, 1): the first
+    token whose cumulative probability passes u (one of nonzero probability)."""
     cdf = probs.cumsum(-1)
-    return (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.size(-1) - 1)
+    return (cdf <= u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.size(-1) - 1)
 
 
 def sample(logits, params, u):
@@ -98,17 +101,25 @@ def sample(logits, params, u):
     return torch.where(params[:, 3] > 0, logits.argmax(-1), draw(filtered_probs(logits, params), u[:, 0]))
 
 
-def verify(draft, logits, params, u):
-    """Speculative sampling with a deterministic draft d (the MTP module proposes its argmax): d is
-    kept with probability p(d), else the token is drawn from p with d taken out, so each token is
-    distributed exactly as p; greedy rows keep d when it is the argmax. logits [B, 2, V] are the
-    model's at the pending token and at the draft -> (accepted [B], first token [B], the token
-    after an accepted draft [B])."""
+def propose(draft_logits, params, u):
+    """The draft: drawn with u [B] from q, the MTP module's distribution under the request's own
+    sampling parameters (its argmax for greedy rows) -> (draft [B], q [B, V])."""
+    q = filtered_probs(draft_logits, params)
+    return torch.where(params[:, 3] > 0, draft_logits.argmax(-1), draw(q, u)), q
+
+
+def verify(draft, q, logits, params, u):
+    """Speculative sampling (Leviathan et al., arXiv:2211.17192): a draft d drawn from q is kept with
+    probability min(1, p(d) / q(d)), else the token is drawn from max(p - q, 0): each token is
+    distributed exactly as p, and the closer q is to p the more drafts are kept. Greedy rows keep d
+    when it is the argmax. logits [B, 2, V] are the model's at the pending token and at the draft,
+    u [B, >= 3] -> (accepted [B], first token [B], the token after an accepted draft [B])."""
     greedy, argmax = params[:, 3] > 0, logits.argmax(-1)
     p0, p1 = filtered_probs(logits[:, 0], params), filtered_probs(logits[:, 1], params)
-    accepted = torch.where(greedy, argmax[:, 0] == draft, u[:, 0] <= p0.gather(1, draft[:, None])[:, 0])
-    residual = p0.scatter(1, draft[:, None], 0.0)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p0)  # p(d) = 1: always kept
+    p_draft, q_draft = p0.gather(1, draft[:, None])[:, 0], q.gather(1, draft[:, None])[:, 0]
+    accepted = torch.where(greedy, argmax[:, 0] == draft, u[:, 0] * q_draft < p_draft)
+    residual = (p0 - q).clamp(min=0.0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p0)  # q = p: always kept
     first = torch.where(greedy, argmax[:, 0], torch.where(accepted, draft, draw(residual, u[:, 1])))
     bonus = torch.where(greedy, argmax[:, 1], draw(p1, u[:, 2]))
     return accepted, first, bonus
@@ -116,7 +127,8 @@ def verify(draft, logits, params, u):
 
 class Sampler:
     """A batch's sampling parameters as one tensor [B, 4], made once per batch composition, and its
-    random numbers: one kernel for the batch, or a draw per row from each seeded request's generator."""
+    random numbers (4 a row: a token, or a draft, its test, a residual and a bonus token): one
+    kernel for the batch, or a draw per row from each seeded request's generator."""
     def __init__(self, requests, device):
         self.requests, self.device = requests, device
         self.params = torch.tensor([[p.temperature or 1.0, p.top_k or 2.0**31, p.top_p, p.temperature == 0]
@@ -124,13 +136,13 @@ class Sampler:
         self.generators = [r.generator for r in requests]
 
     def uniforms(self, out=None):
-        """[B, 3] numbers in (0, 1], written into out when given."""
+        """[B, 4] numbers in [0, 1), written into out when given."""
         if out is None:
-            out = torch.empty(len(self.requests), 3, device=self.device)
+            out = torch.empty(len(self.requests), 4, device=self.device)
         if all(g is None for g in self.generators):
-            return out.uniform_().neg_().add_(1.0)
+            return out.uniform_()
         for row, g in zip(out, self.generators):
-            row.copy_(1.0 - torch.rand(3, device=self.device, generator=g))
+            row.copy_(torch.rand(4, device=self.device, generator=g))
         return out
 
 
@@ -158,7 +170,7 @@ def windows(n_tokens, block_size, stride):
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch=64, cuda_graphs=None, cache_mode='latent', speculative=False,
-                 max_positions=None):
+                 max_positions=None, compile=False):
         self.model, self.cfg = model, model.cfg
         self.device = model.head.weight.device
         self.encode, self.decode = get_tokenizer(tokenizer)
@@ -187,10 +199,13 @@ class Engine:
         self.accepted, self.drafted = 0, 0
         self.sampler = None
         self.step_fn = self.speculative_step if speculative else self.plain_step
+        if compile:  # inductor fuses the step's many small ops (norms, RoPE, sampling): fewer kernels per step
+            self.step_fn = torch.compile(self.step_fn, dynamic=False)
         # graphs need static shapes all the way down: fp32 experts loop on the host (model.grouped_mm)
         capturable = self.device.type == 'cuda' and (model.head.weight.dtype != torch.float32 or not model.moe_layers())
         use_graphs = capturable if cuda_graphs is None else cuda_graphs
         self.graphs = self.capture_graphs() if use_graphs else None
+        self.params_in_graph = {}  # bucket -> the sampler whose parameters its graph holds
 
     # -------------------------------------------------------------------------
     # requests
@@ -327,7 +342,9 @@ class Engine:
         bucket = next(b for b in self.graphs if b >= n)
         graph, (static_ids, static_params, static_u), outputs = self.graphs[bucket]
         static_ids[:n].copy_(ids)
-        static_params[:n].copy_(sampler.params)
+        if self.params_in_graph.get(bucket) is not sampler:  # once per batch composition
+            static_params[:n].copy_(sampler.params)
+            self.params_in_graph[bucket] = sampler
         sampler.uniforms(out=static_u[:n])
         graph.replay()
         return tuple(o[:n] for o in outputs)
@@ -362,24 +379,22 @@ class Engine:
 
     def speculative_step(self, ids, params, u):
         pending, pos, token_mtp, pos_mtp = ids.unbind(1)
-        draft, logits, h = self.draft_and_verify(pending, pos, token_mtp, pos_mtp)
-        accepted, first, bonus = verify(draft, logits, params, u)
+        draft, q = propose(self.draft_logits(pending, pos, token_mtp, pos_mtp), params, u[:, 3])
+        h = self.model.trunk(torch.stack([pending, draft], 1), torch.stack([pos, pos + 1], 1))[0]
+        logits = self.logits(h)
+        accepted, first, bonus = verify(draft, q, logits, params, u)
         # the next draft starts from the two verified positions, or from the one before them and the first
         B = ids.size(0)
         self.mtp_hidden[:B] = torch.where(accepted[:, None, None], h, torch.cat([self.mtp_hidden[:B, 1:], h[:, :1]], 1))
         return logits, torch.stack([accepted.long(), first, bonus], 1)
 
-    def draft_and_verify(self, pending, pos, token_mtp, pos_mtp):
-        """The MTP block drafts the token after the pending one (from the main model's states at
-        pos_mtp, pos_mtp + 1 and the tokens after them), then the main model reads the pending token
-        and the draft -> draft [B], logits [B, 2, V], hidden states [B, 2, D]."""
+    def draft_logits(self, pending, pos, token_mtp, pos_mtp):
+        """The MTP block's logits for the token after the pending one, from the main model's states
+        at pos_mtp and pos_mtp + 1 and the tokens after them -> [B, V]."""
         m, B = self.model, pending.size(0)
         mtp_pos = torch.stack([pos_mtp, (pos - 1).clamp(min=0)], 1)
         e = m.embed(torch.stack([token_mtp, pending], 1))
-        draft = self.logits(m.mtp(self.mtp_hidden[:B], e, *m.rope_at(mtp_pos, 2), pos=mtp_pos)[:, -1]).argmax(-1)
-        verify_pos = torch.stack([pos, pos + 1], 1)
-        h = m.trunk(torch.stack([pending, draft], 1), verify_pos)[0]
-        return draft, self.logits(h), h
+        return self.logits(m.mtp(self.mtp_hidden[:B], e, *m.rope_at(mtp_pos, 2), pos=mtp_pos)[:, -1])
 
     def capture_graphs(self):
         """A CUDA graph of one decode step (sampling included) per batch bucket, captured before any
@@ -389,7 +404,7 @@ class Engine:
         graphs, pool = {}, torch.cuda.graph_pool_handle()
         for b in reversed(buckets):
             inputs = (torch.zeros(b, 4 if self.speculative else 2, dtype=torch.long, device=self.device),
-                      torch.ones(b, 4, device=self.device), torch.ones(b, 3, device=self.device))
+                      torch.ones(b, 4, device=self.device), torch.ones(b, 4, device=self.device))
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.no_grad():

@@ -30,6 +30,7 @@ device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is
 dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
 cuda_graphs = True     # capture the decode step on CUDA
 speculative = True     # draft with the MTP module where the checkpoint has one
+compile = False        # torch.compile the decode step before its graph is captured: faster steps, slower start
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 check_flags('sample.py', globals(), {
@@ -38,6 +39,7 @@ check_flags('sample.py', globals(), {
     'temperature': non_negative, 'top_k': non_negative, 'top_p': fraction,
     'cache_mode': one_of('latent', 'naive'), 'seed': non_negative,
     'device': device_exists(), 'dtype': dtype_supported(), 'cuda_graphs': boolean, 'speculative': boolean,
+    'compile': boolean,
 })
 # -----------------------------------------------------------------------------
 
@@ -72,7 +74,8 @@ except ValueError as e:
 
 # the samples decode as one batch; CUDA graphs are captured once, before the clock starts
 engine = Engine(model, checkpoint['tokenizer'], max_batch=num_samples, cache_mode=cache_mode,
-                cuda_graphs=cuda_graphs and 'cuda' in device, speculative=speculative and model.mtp is not None)
+                cuda_graphs=cuda_graphs and 'cuda' in device, speculative=speculative and model.mtp is not None,
+                compile=compile)
 params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
 t0 = time.time()
 samples = engine.generate([start_ids] * num_samples, params)
@@ -82,5 +85,5 @@ for r in samples:
     print('---------------')
 n_tokens = sum(len(r.tokens) for r in samples)
 print(f"{n_tokens} tokens in {dt:.2f}s: {n_tokens / dt:,.0f} tokens/s "
-      f"({device}, {dtype}, {cache_mode} cache{', CUDA graphs' if engine.graphs else ''}"
+      f"({device}, {dtype}, {cache_mode} cache{', CUDA graphs' if engine.graphs else ''}{', compiled' if compile else ''}"
       f"{f', MTP drafts accepted {engine.acceptance_rate:.0%}' if engine.speculative else ''})")

@@ -3,7 +3,7 @@ sampling, ends, scoring, embeddings."""
 import pytest
 import torch
 
-from engine import Engine, Request, Sampler, SamplingParams, sample, verify
+from engine import Engine, Request, Sampler, SamplingParams, propose, sample, verify
 from model import ModelConfig, Transformer
 
 SMALL = dict(vocab_size=96, block_size=24, n_layer=3, n_embd=64, n_head=4, kv_lora_rank=32,
@@ -130,19 +130,23 @@ def test_top_k_top_p_stay_in_their_sets():
     assert set(drawn[:, 1].tolist()) <= set(nucleus)
 
 
-def test_speculative_sampling_draws_each_token_from_the_model():
-    """verify() keeps a draft d with probability p(d) and otherwise draws from p without d: the
-    first token's distribution is p whatever the draft (a chi-square-free check: 20k draws)."""
+@pytest.mark.parametrize('draft_temperature', [1.0, 0.3])
+def test_speculative_sampling_draws_each_token_from_the_model(draft_temperature):
+    """propose() draws a draft d from q, verify() keeps it with probability min(1, p(d)/q(d)) and
+    otherwise draws from max(p - q, 0): the first token's distribution is p whatever q, and drafts
+    are kept at the rate sum min(p, q) (20k draws; q near p, then a sharper q)."""
     torch.manual_seed(1)
     V, n = 6, 20000
     logits = torch.randn(1, 2, V).expand(n, 2, V)
+    draft_logits = (logits[:, 0] + 0.5 * torch.randn(V)) / draft_temperature
     params = torch.tensor([[1.0, 2.0**31, 1.0, 0.0]]).expand(n, 4)
-    draft = torch.full((n,), 2)
-    accepted, first, _ = verify(draft, logits, params, 1.0 - torch.rand(n, 3))
+    u = torch.rand(n, 4)
+    draft, q = propose(draft_logits, params, u[:, 3])
+    accepted, first, _ = verify(draft, q, logits, params, u)
     p = logits[0, 0].softmax(-1)
     freq = torch.bincount(first, minlength=V).float() / n
     assert (freq - p).abs().max() < 0.015
-    assert abs(accepted.float().mean() - p[2]) < 0.015
+    assert abs(accepted.float().mean() - torch.minimum(p, q[0]).sum()) < 0.015
 
 
 def test_score_and_embed():
@@ -177,6 +181,23 @@ def test_cuda_graphs_decode_what_eager_decodes(mode, speculative, window):
         outs.append([r.tokens for r in e.generate(prompts, params[:5])])
         del e
     assert outs[0] == outs[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('speculative', [False, True])
+def test_compiled_step_decodes_what_the_plain_step_decodes(speculative):
+    """compile=True fuses the step's ops: fp32 (no graphs) gives the same greedy tokens and
+    log-probabilities; bf16 with graphs captures the compiled step and decodes within the vocabulary."""
+    m = make(mtp_depth=1).to('cuda')
+    prompts = [[5, 6, 7], [9] * 11, [3]]
+    params = SamplingParams(max_tokens=20, temperature=0, logprobs=True)
+    plain, compiled = (Engine(m, TOKENIZER, max_batch=2, speculative=speculative, compile=c).generate(prompts, params)
+                       for c in (False, True))
+    assert [r.tokens for r in compiled] == [r.tokens for r in plain]
+    torch.testing.assert_close(torch.tensor([r.logprobs for r in compiled]), torch.tensor([r.logprobs for r in plain]))
+    e = Engine(m.to(torch.bfloat16), TOKENIZER, max_batch=2, speculative=speculative, compile=True)
+    out = e.generate(prompts, SamplingParams(max_tokens=20, temperature=0.9, seed=3))
+    assert e.graphs is not None and all(len(r.tokens) == 20 and max(r.tokens) < len(CHARS) for r in out)
 
 
 @pytest.mark.parametrize('mode', ['latent', 'naive'])
