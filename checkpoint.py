@@ -97,10 +97,11 @@ def load_with_adapters(ckpt, path):
     return model
 
 
-def load_model(source, which='latest', device='cpu', dtype=None, block_size=None):
+def load_model(source, which='latest', device='cpu', dtype=None, block_size=None, fold_adapters=True):
     """-> (model in eval mode on device/dtype, checkpoint dict without its weights). A directory
     with a config.json is a Hugging Face one (hf.py): its weights keep their dtype unless dtype is
-    given. block_size caps the context the model (and so its caches) is built for."""
+    given. block_size caps the context the model (and so its caches) is built for. fold_adapters=False
+    keeps a LoRA run's adapters apart from its base, at its full context (hf.py exports them apart)."""
     if os.path.isfile(os.path.join(source, 'config.json')):
         from hf import HFError, load_hf  # hf.py is an entry point above this file: imported on demand
         try:
@@ -109,8 +110,12 @@ def load_model(source, which='latest', device='cpu', dtype=None, block_size=None
             raise CheckpointError(str(e)) from None
     path = checkpoint_file(source, which)
     ckpt = read_checkpoint(path)
-    if 'lora' in ckpt:  # base + adapters, folded into plain weights
-        ckpt['model'] = merged_state_dict(load_with_adapters(ckpt, path))
+    if 'lora' in ckpt:  # base + adapters: folded into plain weights, or kept apart
+        adapted = load_with_adapters(ckpt, path)
+        if not fold_adapters:
+            del ckpt['model']
+            return adapted.eval().to(device=device, dtype=dtype), {**ckpt, 'path': path}
+        ckpt['model'] = merged_state_dict(adapted)
     try:
         if block_size:  # RoPE tables are rebuilt, never stored: any shorter context loads
             ckpt['model_args'] = {**ckpt['model_args'], 'block_size': min(block_size, ckpt['model_args']['block_size'])}

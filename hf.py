@@ -3,6 +3,7 @@ Hugging Face interop: a model trained here <-> a directory in the format transfo
 SGLang load for DeepSeek-V3 (sigmoid gating) and DeepSeek-V2 (softmax gating).
 
     python hf.py export --out_dir=out --ckpt=best --hf_dir=hf-model [--max_shard_size=5GB]
+    python hf.py export --out_dir=out-lora --hf_dir=hf-model   # the base, and its adapters in hf-model/adapter
     python hf.py import --hf_dir=hf-model --out_dir=out-imported
     python hf.py import --hf_dir=hf-model --out_dir=out-imported --block_size=4096   # a shorter context
     python hf.py random --hf_dir=v2-lite --preset=deepseek-v2-lite    # transformers, random bf16 weights
@@ -11,7 +12,9 @@ The directory holds config.json, model.safetensors (or shards + model.safetensor
 generation_config.json and the tokenizer (tokenizer.json + tokenizer_config.json). Names and layouts
 follow DeepSeek's releases: routed experts one Linear each, MTP as decoder layer n_layer
 (embed_tokens, enorm, hnorm, eh_proj, shared_head). checkpoint.load_model reads such a directory
-directly, so sample.py/train.py take it wherever they take a checkpoint.
+directly, so sample.py/train.py take it wherever they take a checkpoint. A LoRA run exports its
+base there (unmerged) and its adapters in PEFT's format in hf-model/adapter (adapter_config.json +
+adapter_model.safetensors): peft.PeftModel.from_pretrained(model, 'hf-model/adapter') applies them.
 """
 import argparse
 import json
@@ -21,6 +24,7 @@ import sys
 
 import torch
 
+from lora import lora_modules, weight_name
 from model import TRAINING_FIELDS, ModelConfig, Transformer
 from prepare import HF_EOT, eot_of, gpt2_vocab_files, hf_tokenizer
 
@@ -292,9 +296,15 @@ def plan_shards(tensors, max_bytes):
     return shards
 
 
-def export(model, tokenizer, hf_dir, max_shard_size=5 * 1024 ** 3):
-    """Write model + tokenizer as a DeepSeek-V3/V2 directory -> notes on what was dropped."""
+def save_safetensors(tensors, path):
     from safetensors.torch import save_file
+    save_file({n: t.contiguous() for n, t in tensors.items()}, f'{path}.tmp', metadata={'format': 'pt'})
+    os.replace(f'{path}.tmp', path)
+
+
+def export(model, tokenizer, hf_dir, max_shard_size=5 * 1024 ** 3):
+    """Write model + tokenizer as a DeepSeek-V3/V2 directory -> notes on what was dropped. A model
+    with LoRA adapters (load_model(fold_adapters=False)) writes its base: peft_adapter has the rest."""
     config, notes = hf_config(model.cfg, tokenizer)
     tensors = hf_state_dict(model.state_dict(), model.cfg)
     config['torch_dtype'] = str(model.head.weight.dtype).removeprefix('torch.')
@@ -303,9 +313,7 @@ def export(model, tokenizer, hf_dir, max_shard_size=5 * 1024 ** 3):
     files = ['model.safetensors'] if len(shards) == 1 else \
         [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
     for file, names in zip(files, shards):
-        path = os.path.join(hf_dir, file)
-        save_file({n: tensors[n].contiguous() for n in names}, f'{path}.tmp', metadata={'format': 'pt'})
-        os.replace(f'{path}.tmp', path)
+        save_safetensors({n: tensors[n] for n in names}, os.path.join(hf_dir, file))
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         write_json({'metadata': {'total_size': total},
@@ -326,6 +334,96 @@ def save_tokenizer(desc, hf_dir, max_length):
     special = {'bos_token': HF_EOT, 'eos_token': HF_EOT} if eot_of(desc) is not None else {}
     write_json({'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': max_length, **special},
                os.path.join(hf_dir, 'tokenizer_config.json'))
+
+
+# -----------------------------------------------------------------------------
+# LoRA adapters in PEFT's format (adapter_config.json + adapter_model.safetensors) for the exported base
+
+ADAPTER_DIR = 'adapter'
+# transformers 5 fuses each MoE layer's routed experts into two parameters of mlp.experts; gate rows first
+FUSED_EXPERTS = {'gate_up_proj': ('w1', 'w3'), 'down_proj': ('w2',)}
+
+
+def lora_tensors(module, A, B):
+    return {f'base_model.model.{module}.lora_A.weight': A, f'base_model.model.{module}.lora_B.weight': B}
+
+
+def fused_factors(parts):
+    """Per-expert factors (A [E, r, in], B [E, out, r]; None where not targeted) of the weights fused
+    along out -> PEFT's factors of the fused [E, n out, in] parameter: A stacked along the rank, B
+    block-diagonal (rank n r, a missing part zeros), flattened as peft's ParamWrapper reads them:
+    lora_A [E n r, in] expert-major, lora_B [n out, n r E] expert-minor."""
+    A0, B0 = next(p for p in parts if p is not None)
+    parts = [p or (torch.zeros_like(A0), torch.zeros_like(B0)) for p in parts]
+    A = torch.cat([a for a, _ in parts], dim=1)
+    B = torch.stack([torch.block_diag(*(b[e] for _, b in parts)) for e in range(len(B0))])
+    return A.flatten(0, 1), B.permute(1, 2, 0).flatten(1)
+
+
+def expert_tensors(layer, factors):
+    """One MoE layer's routed-expert adapters ({our weight name: PEFT factors}) -> PEFT's tensors."""
+    module = f'model.layers.{layer}.mlp.experts'
+    fused = {p: [factors.get(f'layers.{layer}.ffn.{w}') for w in ours] for p, ours in FUSED_EXPERTS.items()}
+    fused = {p: parts for p, parts in fused.items() if any(part is not None for part in parts)}
+    tensors = {}
+    for param, parts in fused.items():
+        inner = param == 'gate_up_proj' and 'down_proj' in fused  # peft wraps down_proj's adapter around it
+        tensors.update(lora_tensors(module + '.base_layer' * inner, *fused_factors(parts)))
+    return tensors, {f'mlp.experts.{p}' for p in fused}
+
+
+def peft_adapter(model, lora_config, base_dir):
+    """A model with LoRA adapters (load_model(fold_adapters=False)) -> (adapter_config.json dict,
+    adapter_model.safetensors tensors, notes) that peft applies to its base exported to base_dir.
+    Ours is x A B (A [in, r], B [r, out]), PEFT's W + B A on W [out, in]: both factors transposed,
+    the same scale alpha / r. The attention projections are target_modules; the MLP weights are
+    target_parameters, since on DeepSeek models peft reads gate_proj/up_proj/down_proj in
+    target_modules as the fused routed experts (its conversion of transformers-4 adapters)."""
+    factors = {weight_name(name): (m.A.detach().transpose(-1, -2), m.B.detach().transpose(-1, -2))
+               for name, m in lora_modules(model)}
+    tensors, modules, parameters = {}, set(), set()
+    for weight, (A, B) in factors.items():
+        if A.dim() == 2:
+            [(hf_name, _)] = hf_names(weight, model.cfg)
+            module = hf_name.removesuffix('.weight')
+            leaf = module.rpartition('.')[2]
+            if leaf in STACKED.values():  # a dense or shared-expert MLP
+                parameters.add(f'{leaf}.weight')
+            else:
+                modules.add(leaf)
+            tensors.update(lora_tensors(module, A, B))
+    for layer in sorted({w.split('.')[1] for w, (A, _) in factors.items() if A.dim() == 3}, key=int):
+        experts, targets = expert_tensors(layer, factors)
+        tensors.update(experts)
+        parameters |= targets
+    return (*adapter_config(lora_config, modules, parameters, base_dir), tensors)
+
+
+def adapter_config(lora_config, modules, parameters, base_dir):
+    """-> (adapter_config.json dict, notes). peft's parameter targets take no dropout, which acts
+    only in training; the fused gate_up_proj has rank 2r and alpha 2 alpha: the same scale."""
+    rank, alpha, dropout = lora_config['rank'], lora_config['alpha'], lora_config['dropout']
+    fused = {'mlp.experts.gate_up_proj'} & parameters
+    notes = [f"lora_dropout={dropout} (peft's target_parameters take none; it only acts in training)"] \
+        if parameters and dropout else []
+    config = {'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'base_model_name_or_path': os.path.abspath(base_dir),
+              'r': rank, 'lora_alpha': alpha, 'lora_dropout': 0.0 if parameters else dropout,
+              'target_modules': sorted(modules) or None, 'target_parameters': sorted(parameters) or None,
+              'rank_pattern': {p: 2 * rank for p in fused}, 'alpha_pattern': {p: 2 * alpha for p in fused},
+              'bias': 'none', 'use_rslora': False, 'fan_in_fan_out': False, 'inference_mode': True}
+    return config, notes
+
+
+def save_adapter(config, notes, tensors, hf_dir):
+    """Write peft_adapter's result in hf_dir/adapter -> what was written, one line."""
+    adapter_dir = os.path.join(hf_dir, ADAPTER_DIR)
+    os.makedirs(adapter_dir, exist_ok=True)
+    save_safetensors(tensors, os.path.join(adapter_dir, 'adapter_model.safetensors'))
+    write_json(config, os.path.join(adapter_dir, 'adapter_config.json'))
+    targets = ', '.join((config['target_modules'] or []) + (config['target_parameters'] or []))
+    dropped = f"; dropped: {'; '.join(notes)}" if notes else ''
+    return (f"wrote {adapter_dir}: LoRA r={config['r']} on {targets} for the base in {hf_dir} "
+            f"(peft.PeftModel.from_pretrained(model, {adapter_dir!r})){dropped}")
 
 
 # -----------------------------------------------------------------------------
@@ -464,9 +562,12 @@ def main(argv):
     from checkpoint import CheckpointError, load_model, save_checkpoint
     try:
         if args.command == 'export':
-            model, ckpt = load_model(args.out_dir, args.ckpt)
+            model, ckpt = load_model(args.out_dir, args.ckpt, fold_adapters=False)
+            adapter = peft_adapter(model, ckpt['lora']['config'], args.hf_dir) if 'lora' in ckpt else None
             notes = export(model, ckpt['tokenizer'], args.hf_dir, args.max_shard_size)
             print(f"wrote {args.hf_dir}; dropped: {'; '.join(notes)}")
+            if adapter:
+                print(save_adapter(*adapter, args.hf_dir))
         else:
             model, ckpt = load_model(args.hf_dir, block_size=args.block_size or None)
             os.makedirs(args.out_dir, exist_ok=True)

@@ -12,11 +12,18 @@ The MTP block is left alone (a training aid, unused at inference).
 Why not peft for training: peft adapts nn.Linear (and a few other module types) by wrapping them;
 the routed experts here are stacked nn.Parameters used through grouped matmuls, which it cannot
 reach, and its wrappers rename the base weights that checkpoints and the latent decode path read.
-The ~60 lines below cover every target and leave the base's names alone. peft's *format*
-(adapter_config.json + adapter_model.safetensors) is the one to export to for the Hugging Face
-counterparts: A and B transposed (lora_A.weight [r, in], lora_B.weight [out, r]) under hf.py's names
-for the attention and dense/shared MLP projections; transformers' DeepSeek-V3 fuses the routed
-experts into 3-D gate_up_proj/down_proj tensors, which have no per-expert nn.Linear to target.
+The ~60 lines below cover every target and leave the base's names alone. Exports use peft's
+*format* instead (hf.py peft_adapter: a LoRA run's base plus adapter_config.json and
+adapter_model.safetensors, written by hand: peft would need the whole transformers model built
+to save them), and every target has an exact counterpart there, so nothing is refused: the
+attention projections are target_modules; w1/w2/w3 are target_parameters (peft 0.21's LoRA on
+nn.Parameter), because on DeepSeek models peft reads gate_proj/up_proj/down_proj in
+target_modules as the routed experts and would move the dense and shared-expert adapters onto
+them. transformers 5 fuses the routed experts into [E, 2I, D] gate_up_proj and [E, D, I]
+down_proj; per expert, w1's and w3's factors become one rank-2r pair (A stacked, B block-
+diagonal, alpha doubled: the same scale), as peft itself converts per-expert adapters. Loading
+them needs transformers 5's fused layout (tested: peft 0.21.2); peft refuses dropout on
+target_parameters, so it is written as 0 (it only acts in training).
 
     python lora.py merge --out_dir=out-lora --to=out-merged   # base + adapters -> a plain checkpoint
 """

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import hf
-from checkpoint import CheckpointError, load_model, save_checkpoint
+from checkpoint import CheckpointError, load_model, lora_checkpoint_fields, save_checkpoint
 from engine import Engine, SamplingParams
+from lora import add_lora, lora_state_dict
 from model import ModelConfig, Transformer
 from prepare import get_tokenizer, train_bpe
 
@@ -187,6 +188,55 @@ def test_command_line(tmp_path):
     assert p.returncode == 0 and '\nTo be' in p.stdout, p.stderr
     p = run(REPO / 'hf.py', 'export', '--out_dir=run', '--hf_dir=x', '--max_shard_size=lots', cwd=tmp_path)
     assert p.returncode == 2 and 'max_shard_size' in p.stderr
+
+
+def lora_run(tmp_path, base, targets, dropout=0.0):
+    """base.pt and a LoRA run on it (lora/ckpt.pt) whose adapters all matter: B is not zero."""
+    save_checkpoint({'model': base.state_dict(), 'model_args': vars(base.cfg), 'tokenizer': CHARS},
+                    tmp_path / 'base.pt')
+    config = {'rank': 4, 'alpha': 8.0, 'dropout': dropout, 'targets': targets.split(',')}
+    add_lora(base, **config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.endswith('.B'):
+                p.normal_(0.0, 0.1)
+    (tmp_path / 'lora').mkdir()
+    save_checkpoint({'model': lora_state_dict(base), 'model_args': vars(base.cfg), 'tokenizer': CHARS,
+                     'lora': lora_checkpoint_fields(config, tmp_path / 'base.pt')}, tmp_path / 'lora' / 'ckpt.pt')
+
+
+@pytest.mark.parametrize('arch, targets, dropout', [
+    (V3, 'wq_a,wq_b,wkv_a,wkv_b,wo,w1,w2,w3', 0.1),  # every target; gate_up_proj and down_proj nested
+    (V2, 'wq,wkv_a,wo,w3', 0.0),  # up_proj alone in the fused gate_up_proj
+], ids=['v3', 'v2'])
+def test_lora_exports_its_base_and_a_peft_adapter(arch, targets, dropout, tmp_path):
+    peft = pytest.importorskip('peft')
+    lora_run(tmp_path, tiny_model(**arch), targets, dropout)
+    p = run(REPO / 'hf.py', 'export', '--out_dir=lora', '--hf_dir=hfdir', cwd=tmp_path)
+    assert p.returncode == 0 and 'wrote hfdir/adapter: LoRA r=4' in p.stdout, p.stderr
+    assert ('lora_dropout=0.1' in p.stdout) == bool(dropout)
+    config = json.loads((tmp_path / 'hfdir' / 'adapter' / 'adapter_config.json').read_text())
+    assert config['peft_type'] == 'LORA' and config['task_type'] == 'CAUSAL_LM' and config['lora_alpha'] == 8.0
+    assert config['base_model_name_or_path'] == str(tmp_path / 'hfdir')
+    assert 'o_proj' in config['target_modules'] and 'up_proj.weight' in config['target_parameters']
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hfdir', dtype=torch.float32).eval()
+    idx = torch.randint(0, 96, (2, 32))
+    error = lambda got, ref: ((got - ref).abs().max() / ref.abs().max()).item()
+    with torch.no_grad():
+        base = load_model(str(tmp_path / 'base.pt'))[0](idx, targets=idx)[0]
+        adapted = load_model(str(tmp_path / 'lora'))[0](idx, targets=idx)[0]  # base + adapters folded
+        assert error(theirs(idx).logits, base) < 1e-5, "the directory holds the base, unmerged"
+        theirs = peft.PeftModel.from_pretrained(theirs, tmp_path / 'hfdir' / 'adapter').eval()
+        assert error(theirs(idx).logits, adapted) < 1e-5
+    assert error(base, adapted) > 0.1, error(base, adapted)
+
+
+def test_a_lora_export_that_cannot_be_written_writes_nothing(tmp_path):
+    lora_run(tmp_path, Transformer(ModelConfig(**TINY, attn='mha')), 'wqkv,w1')
+    p = run(REPO / 'hf.py', 'export', '--out_dir=lora', '--hf_dir=hfdir', cwd=tmp_path)
+    assert p.returncode == 1 and "attn='mha'" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / 'hfdir').exists()
 
 
 def test_a_broken_directory_is_one_clear_error(tmp_path):
