@@ -12,6 +12,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+import model
 import ops
 
 parser = argparse.ArgumentParser()
@@ -182,6 +183,39 @@ for B, H, ragged in [(32, 16, False), (32, 16, True), (32, 128, False), (32, 128
     report('latent_decode', shape, ms, ref, nbytes, flops)
     report('bf16 einsum decode', shape, bench(lambda i: lambda: einsum_decode(*inputs[i]), sets=sets), None, nbytes, flops)
     del inputs
+
+# -----------------------------------------------------------------------------
+# sliding-window attention forward + backward as MLA's training runs it (model.cached_attention, heads of
+# V3's shape: q/k 192, v 128): flex_attention's block-sparse kernel against SDPA with the dense band mask
+# (ref), and full causal SDPA, the ceiling without a window. FLOPs: 2 matmuls forward, 4 backward, over
+# the score entries each one computes: the band's for the window, the causal triangle's for the ceiling
+
+def attention_step(window, q, k, v, dy):
+    attn = model.MLA(model.ModelConfig(n_head=16, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                                       attn_window=window))
+    def step():
+        y = model.cached_attention(attn, q, k, v)
+        torch.autograd.grad(y, (q, k, v), dy)
+    return step
+
+
+B, H, W = 8, 16, 512
+for T in (2048, 8192):
+    q, k = [torch.randn(B, T, H, 192, dtype=bf16, device='cuda', requires_grad=True) for _ in range(2)]
+    v = torch.randn(B, T, H, 128, dtype=bf16, device='cuda', requires_grad=True)
+    dy = torch.randn(B, T, H, 128, dtype=bf16, device='cuda')
+    band = W * (W + 1) // 2 + (T - W) * W  # visible score entries per head
+    flops_per_entry = 3 * 2 * B * H * (192 + 128)
+    flex_ms = bench(lambda i: attention_step(W, q, k, v, dy), graph=False)
+    model.USE_FLEX = False
+    masked_ms = bench(lambda i: attention_step(W, q, k, v, dy), graph=False)
+    model.USE_FLEX = True
+    causal_ms = bench(lambda i: attention_step(0, q, k, v, dy), graph=False)
+    shape = f"B={B} H={H} T={T} d=192/128"
+    report('window attention fwd+bwd, flex', f"{shape} window={W}", flex_ms, masked_ms, flops=band * flops_per_entry)
+    report('window attention fwd+bwd, SDPA mask', f"{shape} window={W}", masked_ms, flops=band * flops_per_entry)
+    report('causal attention fwd+bwd, SDPA', shape, causal_ms, flops=T * (T + 1) // 2 * flops_per_entry)
+    del q, k, v, dy
 
 # -----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ References:
 2) DeepSeek-V3, arXiv:2412.19437 (sigmoid gating, auxiliary-loss-free balancing, MTP)
 3) nanoGPT, github.com/karpathy/nanoGPT
 """
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 import ops
 from muon import Muon, Optimizers
@@ -104,6 +106,11 @@ class ModelConfig:
     def qk_head_dim(self):
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
+    @property
+    def attn_head_dims(self):
+        """(query and key, value) head dims of the attention in use."""
+        return (self.qk_head_dim, self.v_head_dim) if self.attn == 'mla' else (self.n_embd // self.n_head,) * 2
+
     def is_moe_layer(self, layer_id):
         return self.n_routed_experts > 0 and layer_id >= self.n_dense_layers
 
@@ -165,22 +172,82 @@ def visible(pos, length, window=0):
     return seen & (held > q - window) if window else seen
 
 
+USE_FLEX = True  # False: masked attention on CUDA takes SDPA's dense-mask path too (the tests' reference)
+
+
+def flex_ok(cfg, device, training):
+    """Does training and prefill attention under a window or packed documents run through
+    flex_attention, a fused kernel that skips the masked-out blocks, rather than SDPA with a dense
+    [T, T] mask (which takes SDPA off its flash kernel)?"""
+    return (USE_FLEX and device.type == 'cuda'
+            and min(cfg.attn_head_dims) >= 16        # flex's Triton kernels need head dims of 16 or more
+            and not (training and cfg.dropout))      # flex has no attention dropout
+
+
+def band_mask_mod(window, device, doc_ids=None):
+    """flex_attention's mask_mod: causal, banded to the last `window` keys, and inside each document
+    when doc_ids [B, T] are given."""
+    width = torch.tensor(window, device=device)  # a tensor, not a constant: one compiled kernel for all windows
+    def mask_mod(b, h, q_idx, kv_idx):
+        seen = (q_idx >= kv_idx) & (q_idx - kv_idx < width)
+        if doc_ids is not None:
+            seen = seen & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+        return seen
+    return mask_mod
+
+
+@functools.cache
+def window_block_mask(T, window, device):
+    """The window's BlockMask alone is the same for every batch of T tokens: made once."""
+    return create_block_mask(band_mask_mod(window, device), None, None, T, T, device=device)
+
+
+def block_mask(T, window, device, doc_ids=None):
+    """The BlockMask of band_mask_mod for T queries from position 0 (window 0: all of them); one over
+    documents is the batch's own. While torch.compile traces, the window's is made in the graph too
+    (a fused kernel per step): one kept from inside a graph would be its output, memory a CUDA graph
+    reuses."""
+    if doc_ids is None and not torch.compiler.is_compiling():
+        return window_block_mask(T, window, device)
+    B = None if doc_ids is None else doc_ids.size(0)
+    return create_block_mask(band_mask_mod(window or T, device, doc_ids), B, None, T, T, device=device)
+
+
+@functools.cache
+def compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=True)  # prefills of every length share one kernel
+
+
+def fused_flex_attention(q, k, v, mask, scale):
+    """flex_attention is fast only compiled: in a compiled model it is traced into the graph as it
+    is, in an eager one it goes through its own torch.compile."""
+    flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
+    return flex(q, k, v, block_mask=mask, scale=scale)
+
+
 def cached_attention(attn, q, k, v, cache=None, pos=None, rows=None, attn_mask=None):
-    """Causal SDPA over [B, T, H, d] tensors, banded to the last attn_window keys where a window is
-    set. With a per-head K/V cache, k and v are written into it; when decoding (pos [B, T] given), the
-    queries attend to the cache up to their own positions. attn_mask [B, 1, T, T] (True = may
-    attend) replaces the causal mask: packed documents, see doc_attention_mask."""
+    """Causal attention over [B, T, H, d] tensors, banded to the last attn_window keys where a window
+    is set. With a per-head K/V cache, k and v are written into it; when decoding (pos [B, T] given),
+    the queries attend to the cache up to their own positions. attn_mask [B, 1, T, T] (True = may
+    attend) replaces the causal mask: packed documents, see Transformer.attention_mask; a BlockMask
+    (window included) sends them through flex_attention. From position 0, a window alone takes
+    flex_attention where flex_ok, else SDPA with a band mask."""
     mask, window = attn_mask, attn.cfg.attn_window
     if cache is not None:
         write_cache(cache, (k, v), pos, rows)
         if pos is not None:
             k, v = cache[0][:q.size(0)], cache[1][:q.size(0)]
             mask = visible(pos, k.size(1), window)[:, None]
-    if pos is None and 0 < window < k.size(1):  # training and prefill, from position 0
-        band = visible(torch.arange(q.size(1), device=q.device)[None], k.size(1), window)
+    banded = pos is None and 0 < window < k.size(1)  # training and prefill, from position 0
+    if banded and mask is None and flex_ok(attn.cfg, q.device, attn.training):
+        mask = block_mask(q.size(1), window, q.device)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if isinstance(mask, BlockMask):
+        return fused_flex_attention(q, k, v, mask, attn.softmax_scale).transpose(1, 2)
+    if banded:
+        band = visible(torch.arange(q.size(2), device=q.device)[None], k.size(2), window)
         mask = band if mask is None else mask & band
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask, is_causal=mask is None and q.size(1) > 1,
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.size(2) > 1,
                                        scale=attn.softmax_scale, dropout_p=attn.dropout if attn.training else 0.0)
     return y.transpose(1, 2)
 
@@ -485,7 +552,7 @@ class Transformer(nn.Module):
         if start_pos + T > self.rope_cos.size(0):  # block_size, unless set_positions made more
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size {self.cfg.block_size}")
         pos = (start_pos + torch.arange(T, device=idx.device)).expand(B, T) if start_pos else None
-        attn_mask = None if doc_ids is None else doc_attention_mask(doc_ids)
+        attn_mask = self.attention_mask(doc_ids)
         h, aux, loads = self.trunk(idx, pos, attn_mask=attn_mask)
         if targets is None:
             return self.head(self.norm(h[:, [-1]])).float(), None, None
@@ -494,14 +561,23 @@ class Transformer(nn.Module):
         zero = stats['ce'].new_zeros(())
         stats['balance'] = sum((a[0] for a in aux), zero)
         stats['z'] = sum((a[1] for a in aux), zero)
-        stats['mtp'] = self.mtp_loss(h, idx, targets, attn_mask) if self.mtp is not None else zero
+        stats['mtp'] = self.mtp_loss(h, idx, targets, doc_ids) if self.mtp is not None else zero
         loss = stats['ce'] + stats['balance'] + stats['z'] + self.cfg.mtp_lambda * stats['mtp']
         stats['load'] = torch.stack(loads) if loads else None
         return logits, loss, stats
 
-    def mtp_loss(self, h, idx, targets, attn_mask=None):
+    def attention_mask(self, doc_ids):
+        """doc_ids [B, T] of packed examples (or None) -> the mask that keeps them apart: a BlockMask
+        for flex_attention (the window included), else SDPA's dense one (see cached_attention)."""
+        if doc_ids is None:
+            return None
+        if flex_ok(self.cfg, doc_ids.device, self.training):
+            return block_mask(doc_ids.size(1), self.cfg.attn_window, doc_ids.device, doc_ids)
+        return doc_attention_mask(doc_ids)
+
+    def mtp_loss(self, h, idx, targets, doc_ids=None):
         T = idx.size(1) - 1
-        attn_mask = None if attn_mask is None else attn_mask[..., :-1, :-1]
+        attn_mask = self.attention_mask(None if doc_ids is None else doc_ids[:, :-1])
         h = self.mtp(h[:, :-1], self.embed(idx[:, 1:]), *self.rope_at(None, T), attn_mask=attn_mask)
         logits = self.head(h).float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, 1:].reshape(-1), ignore_index=-1)
@@ -554,7 +630,7 @@ class Transformer(nn.Module):
         """Training FLOPs per token: 6 per active weight plus attention's two matmuls over the
         sequence (fwd + bwd), counted over the full block as nanoGPT/PaLM do."""
         c = self.cfg
-        qk, v = (c.qk_head_dim, c.v_head_dim) if c.attn == 'mla' else (c.n_embd // c.n_head,) * 2
+        qk, v = c.attn_head_dims
         return 6 * self.num_params(active=True) + 6 * c.n_layer * c.n_head * (qk + v) * c.block_size
 
     def estimate_mfu(self, tokens_per_sec, device):
