@@ -518,13 +518,14 @@ PRESETS = {  # DeepSeek-V2-Lite's config.json: 15.7B parameters, 2.4B active
 
 
 def random_dir(hf_dir, preset, dtype=torch.bfloat16):
-    """transformers' model for a config.json dict, allocated once in dtype (no fp32 init pass),
-    weights N(0, 0.02) and norms 1, saved in 5GB shards with GPT-2's tokenizer."""
+    """transformers' model for a config.json dict, allocated once in dtype (no fp32 init pass) on
+    the GPU where there is one (15.7B normal draws take minutes on a CPU), weights N(0, 0.02) and
+    norms 1, saved in 5GB shards with GPT-2's tokenizer."""
     import transformers
     config = transformers.AutoConfig.for_model(**preset)
     with torch.device('meta'):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.to_empty(device='cpu')
+    model.to_empty(device='cuda' if torch.cuda.is_available() else 'cpu')
     saved = model.state_dict()
     with torch.no_grad():
         for name, p in model.named_parameters():
