@@ -6,7 +6,8 @@ says how much host overhead is left (1.0 = none). --speculative: the char model 
 plain against speculative steps (a draft and its verification), each also with torch.compile
 fusing the step's small ops before the graph is captured. --hf_dir: a Hugging Face directory
 (e.g. `python hf.py random --hf_dir=v2-lite`, DeepSeek-V2-Lite's shape) loaded and decoded whole.
-$ python bench_decode.py [--layers 4] [--speculative] [--hf_dir DIR [--block_size 4096]] [--out PATH]
+--breakdown: where engine.generate's time goes (prefills, steps, host) at batch 1.
+$ python bench_decode.py [--layers 4] [--speculative | --breakdown | --hf_dir DIR [--block_size 4096]] [--out PATH]
 """
 import argparse
 import os
@@ -17,7 +18,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from checkpoint import load_model
+from checkpoint import CheckpointError, load_model
 from engine import Engine, SamplingParams
 from model import ModelConfig, Transformer
 
@@ -82,13 +83,53 @@ def measure(name, model, B, T, speculative=False, compile=False, tokenizer=TOKEN
 
 COLUMNS = [('model', '{}'), ('step', '{}'), ('batch', '{}'), ('cache', '{}'), ('step ms (graph)', '{graph_ms:.3f}'),
            ('step ms (eager)', '{eager_ms:.3f}'), ('GPU kernel ms', '{gpu_ms:.3f}'), ('kernels', '{kernels}'),
-           ('graph / kernels', '{ratio:.2f}'), ('steps/s', '{steps:,.0f}')]
+           ('graph / kernels', '{ratio:.2f}'), ('tokens/s', '{tokens}')]
 
 
 def show(row):
-    row = {**row, 'ratio': row['graph_ms'] / row['gpu_ms'], 'steps': 1e3 / row['graph_ms']}
+    tokens = f"{row['batch'] * 1e3 / row['graph_ms']:,.0f}"  # a speculative step yields 1 + acceptance each
+    tokens += ' x (1 + acceptance)' if row['step'].startswith('speculative') else ''
+    row = {**row, 'ratio': row['graph_ms'] / row['gpu_ms'], 'tokens': tokens}
     return [fmt.format(row[name], **row) if fmt == '{}' else fmt.format(**row)
             for (name, fmt) in COLUMNS]
+
+
+def breakdown():
+    """Where engine.generate's time goes at batch 1 (500 tokens after a one-token prompt, the second
+    of two runs): prefills (a block of 256 is prefilled again every 128 tokens), decode steps
+    (synchronized) and the host around them; plain against speculative, eager against compiled steps."""
+    for block in (256, 1024):
+        model = Transformer(ModelConfig(**{**CHAR, 'block_size': block}, mtp_depth=1)).to('cuda', torch.bfloat16).eval()
+        for compile in (False, True):
+            for speculative in (False, True):
+                engine = Engine(model, TOKENIZER, max_batch=1, speculative=speculative, compile=compile)
+                spent = {'prefill': [0.0, 0], 'run_step': [0.0, 0]}
+                for name, totals in spent.items():
+                    setattr(engine, name, synchronized(getattr(engine, name), totals))
+                for _ in range(2):
+                    for totals in spent.values():
+                        totals[:] = [0.0, 0]
+                    t0 = time.perf_counter()
+                    r = engine.generate([[1]], SamplingParams(max_tokens=500, temperature=0.8, top_k=200))[0]
+                    dt = time.perf_counter() - t0
+                (prefill_s, prefills), (steps_s, steps) = spent['prefill'], spent['run_step']
+                print(f"block {block}, {'speculative' if speculative else 'plain'}{', compiled' if compile else ''}: "
+                      f"{len(r.tokens) / dt:,.0f} tokens/s; {prefills} prefills {prefill_s * 1e3:.1f} ms, "
+                      f"{steps} steps of {steps_s / steps * 1e3:.3f} ms, host {(dt - prefill_s - steps_s) / steps * 1e3:.3f} ms "
+                      f"a step; drafts accepted {engine.acceptance_rate:.0%}", flush=True)
+                del engine
+
+
+def synchronized(fn, totals):
+    """fn, timed to the end of its GPU work: totals += [seconds, calls]."""
+    def timed(*args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        torch.cuda.synchronize()
+        totals[0] += time.perf_counter() - t0
+        totals[1] += 1
+        return out
+    return timed
 
 
 def imported(hf_dir, block_size):
@@ -118,14 +159,21 @@ def main():
     parser.add_argument('--layers', type=int, default=4, help='layers of the V2-Lite-shaped stack (27 in V2-Lite)')
     parser.add_argument('--speculative', action='store_true',
                         help='the char model with an MTP block: plain vs speculative steps, each also compiled')
+    parser.add_argument('--breakdown', action='store_true',
+                        help="engine.generate at batch 1: prefills, steps and host time, plain/speculative, eager/compiled")
     parser.add_argument('--hf_dir', default=None, help='a Hugging Face directory (hf.py random): load it, decode at batch 1 and 32')
     parser.add_argument('--block_size', type=int, default=4096, help="with --hf_dir: the context (and cache) length")
     parser.add_argument('--out', default=None, help='also write the markdown table to this file')
     args = parser.parse_args()
     assert torch.cuda.is_available(), 'needs a CUDA GPU'
     torch.manual_seed(1337)
+    if args.breakdown:
+        return breakdown()
     if args.hf_dir:
-        cases = imported(args.hf_dir, args.block_size)
+        try:
+            cases = imported(args.hf_dir, args.block_size)
+        except CheckpointError as e:
+            raise SystemExit(f"bench_decode.py: error: {e}")
     elif args.speculative:
         model = Transformer(ModelConfig(**CHAR, mtp_depth=1)).to('cuda', torch.bfloat16).eval()
         cases = [('char (7 layers + MTP)', model, B, 256, spec, comp)
