@@ -88,6 +88,8 @@ compile = torch.cuda.is_available()
 # outputs the step still needed, on an H100), else 'default'
 compile_mode = 'auto'
 activation_checkpointing = False  # recompute each block's activations in the backward: less memory
+memory_limit_gib = 0.0  # CUDA only: cap this process's allocations (torch.cuda.set_per_process_memory_fraction),
+                        # an out-of-memory error past it, as on a smaller GPU; 0 = off
 # sharding under torchrun (parallel.py); neither: DDP, every rank holding the whole model
 fsdp = False  # FSDP2: weights, gradients and optimizer state sharded over all ranks
 ep = 1        # expert parallelism: each rank holds n_routed_experts / ep routed experts of each MoE layer
@@ -124,6 +126,8 @@ check_flags('train.py', globals(), {
     'lr_decay_iters': positive, 'warmup_iters': [non_negative, less_than('lr_decay_iters', unless='decay_lr')],
     'backend': [one_of('nccl', 'gloo'), cuda_for_nccl], 'device': device_exists(), 'dtype': dtype_supported(),
     'seed': non_negative,
+    'memory_limit_gib': [non_negative, cross_rule(lambda v, f: not v or f['device'].startswith('cuda'),
+                                                  "needs a CUDA device: it caps the CUDA memory allocator (0 = off)")],
 })
 if compile_mode == 'auto':
     one_gpu_step = 'cuda' in device and 'RANK' not in os.environ and gradient_accumulation_steps == 1
@@ -275,6 +279,12 @@ else:
     rank = 0
 master = rank == 0
 device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+if memory_limit_gib:  # before the first allocation, so the cap holds for the whole run
+    gpu = torch.device(device).index or 0  # plain 'cuda' is GPU 0 here; under torchrun device has its index
+    device_gib = torch.cuda.get_device_properties(gpu).total_memory / 2**30
+    if memory_limit_gib > device_gib:
+        fail(f"--memory_limit_gib={memory_limit_gib}: more than the {device_gib:.1f} GiB of {device}", 2)
+    torch.cuda.set_per_process_memory_fraction(memory_limit_gib / device_gib, gpu)
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 if master:
     if init_from != 'resume':  # a new run starts clean: an old log.jsonl or tb/ would be appended to

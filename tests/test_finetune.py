@@ -2,7 +2,10 @@
 do not see each other), LoRA (only adapters train, merge = base + adapters, exact resume), a new
 run from a checkpoint refusing contradicting model fields, and a small end-to-end: pretrain on a
 copy task (from scratch,
-on instruction data), LoRA-fine-tune to uppercase, held-out exact match before and after."""
+on instruction data), LoRA-fine-tune to uppercase, held-out exact match before and after.
+bench_finetune.py measures the same at a larger size; its CPU smoke run and train_1b.py's size are
+checked here too."""
+import dataclasses
 import itertools
 import json
 import random
@@ -16,13 +19,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_finetune import answers, chat, exact_match, write_chats  # noqa: E402
 from checkpoint import CheckpointError, check_model_args, load_model  # noqa: E402
-from engine import Engine, SamplingParams  # noqa: E402
 from lora import add_lora, lora_state_dict, merged_state_dict, num_trainable  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 import prepare  # noqa: E402
 from prepare import END, chat_template, get_tokenizer, read_mask, read_shard, sft_window  # noqa: E402
-from test_train import records, run  # noqa: E402
+from test_train import SHAKESPEARE, records, run  # noqa: E402
 
 TINY = dict(vocab_size=64, block_size=64, n_layer=2, n_embd=32, n_head=2, kv_lora_rank=16, q_lora_rank=8,
             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, dense_inter_dim=64, moe_inter_dim=16,
@@ -33,10 +36,6 @@ E2E = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--kv_lora_rank=16', '--qk_no
        '--compile=False', '--eval_iters=2', '--log_interval=1', '--warmup_iters=10', '--learning_rate=1e-2',
        '--min_lr=1e-3']
 LETTERS = 'abcdefgh'
-
-
-def chat(user, answer=None):
-    return [{'role': 'user', 'content': user}] + ([{'role': 'assistant', 'content': answer}] if answer else [])
 
 
 # -----------------------------------------------------------------------------
@@ -160,10 +159,6 @@ def test_check_model_args():
 # -----------------------------------------------------------------------------
 # end to end through prepare.py, train.py, lora.py
 
-def conversations(pairs):
-    return ''.join(json.dumps({'messages': chat(u, a)}) + '\n' for u, a in pairs)
-
-
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
     """A model trained from scratch to copy mixed-case strings (chats, loss on the answers), and an
@@ -171,10 +166,10 @@ def pretrained(tmp_path_factory):
     d = tmp_path_factory.mktemp('ft')
     rng = random.Random(0)
     copies = [''.join(rng.choice(LETTERS + LETTERS.upper()) for _ in range(3)) for _ in range(3000)]
-    (d / 'copy.jsonl').write_text(conversations((s, s) for s in copies))
+    write_chats(d / 'copy.jsonl', ((s, s) for s in copies))
     words = [''.join(w) for w in itertools.product(LETTERS, repeat=3)]
     rng.shuffle(words)
-    (d / 'upper.jsonl').write_text(conversations((w, w.upper()) for w in words[:400]))
+    write_chats(d / 'upper.jsonl', ((w, w.upper()) for w in words[:400]))
     run([str(ROOT / 'prepare.py'), 'copy', '--input', str(d / 'copy.jsonl'), '--format=chat', '--tokenizer=char'], d)
     run([str(ROOT / 'prepare.py'), 'upper', '--input', str(d / 'upper.jsonl'), '--format=chat',
          '--tokenizer_from=data/copy'], d)
@@ -186,18 +181,6 @@ def pretrained(tmp_path_factory):
 
 def finetune(d, *args, check=True):
     return run([str(ROOT / 'train.py'), *E2E, '--dataset=upper', '--init_from=ckpt:base', *args], d, check)
-
-
-def answers(source, words):
-    """Greedy answers to the held-out prompts, up to the template's END."""
-    model, ckpt = load_model(source)
-    engine = Engine(model, ckpt['tokenizer'], max_batch=len(words), cuda_graphs=False)
-    params = SamplingParams(max_tokens=len(words[0]) + len(END), temperature=0.0, stop=(END,))
-    return [r.text for r in engine.generate([engine.encode(chat_template(chat(w))) for w in words], params)]
-
-
-def exact_match(source, words, want):
-    return sum(a == want(w) for a, w in zip(answers(source, words), words)) / len(words)
 
 
 def test_contradicting_model_field_refused(pretrained):
@@ -269,3 +252,33 @@ def test_adapters_refuse_a_changed_base(pretrained):
     finally:
         base.write_bytes(saved)
     assert load_model(d / 'tiny_lora')[1]['lora']['config']['rank'] == 2
+
+
+# -----------------------------------------------------------------------------
+# bench_finetune.py (the H100 measurements) and config/train_1b.py
+
+def test_bench_finetune_cpu_smoke(tmp_path):
+    """Every part of the bench at toy sizes: the same train.py runs, stops, scoring and tables."""
+    run([str(ROOT / 'bench_finetune.py'), '--cpu_smoke', '--input', str(SHAKESPEARE), '--out=bench.md',
+         '--work=runs'], tmp_path)
+    table = (tmp_path / 'bench.md').read_text()
+    rows = [[cell.strip() for cell in line.strip('|').split('|')] for line in table.splitlines()
+            if line.startswith('| ') and not line.startswith('| run ')]
+    assert len(rows) == 7 and 'failed' not in table and 'OOM' not in table, table
+    assert all(row[1] for row in rows)  # trainable parameters, or the parameter counts
+    lora = next(row for row in rows if row[0].startswith('LoRA'))
+    assert ' -> ' in lora[2] and float(lora[1].split('(')[1].split('%')[0]) < 100
+    for name in ('scale_full', 'scale_ac', 'scale_lora', 'big'):  # stopped at step 3's line, before any checkpoint
+        assert [r['iter'] for r in records(tmp_path / 'runs' / name, 'train')] in ([0, 1, 2], [0, 1, 2, 3])
+        assert not (tmp_path / 'runs' / name / 'ckpt.pt').exists()
+    assert load_model(tmp_path / 'runs' / 'lora')[1]['lora']['config']['rank'] == 4
+
+
+def test_train_1b_config_has_a_billion_parameters():
+    settings = {}
+    exec((ROOT / 'config' / 'train_1b.py').read_text(), {}, settings)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    with torch.device('meta'):  # no memory, no initialisation
+        model = Transformer(ModelConfig(**{k: v for k, v in settings.items() if k in fields}, vocab_size=50304))
+    assert model.num_params() >= 1.0e9 and model.num_params(active=True) < 0.2e9
+    assert settings['activation_checkpointing']

@@ -71,6 +71,8 @@ TRAIN_BAD = [
     ('--dropout=1.0', "ModelConfig.dropout = 1.0: must be in [0, 1)"),
     ('--eval_only=1', "configurator: --eval_only expects bool, got '1'"),
     ('--bacth_size=4', "configurator: unknown config key 'bacth_size' (did you mean 'batch_size'?)"),
+    ('--memory_limit_gib=-1', "--memory_limit_gib=-1.0: must be >= 0"),
+    ('--memory_limit_gib=big', "configurator: --memory_limit_gib expects float, got 'big'"),
 ]
 SAMPLE_BAD = [
     ('--num_samples=0', "--num_samples=0: must be > 0"),
@@ -88,7 +90,8 @@ SAMPLE_BAD = [
 ]
 if not torch.cuda.is_available():
     TRAIN_BAD += [('--device=cuda', "--device='cuda': no such device on this machine (present: cpu"),
-                  ('--backend=nccl', "--backend='nccl': needs CUDA GPUs; use --backend=gloo")]
+                  ('--backend=nccl', "--backend='nccl': needs CUDA GPUs; use --backend=gloo"),
+                  ('--memory_limit_gib=24', "--memory_limit_gib=24.0: needs a CUDA device")]
     SAMPLE_BAD += [('--device=cuda', "--device='cuda': no such device on this machine")]
 
 
@@ -121,13 +124,18 @@ def test_bad_config_file_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 # the same, as the user sees it: a real process, exit code 2, no traceback, out_dir untouched
-@pytest.mark.parametrize('script,args,message', [
+PROCESS_BAD = [
     ('train.py', ['--eval_interval=0'], "train.py: error: --eval_interval=0: must be > 0"),
     ('train.py', ['--device=cuda:7'], "train.py: error: --device='cuda:7': no such device"),
     ('train.py', ['--n_layr=3'], "configurator: unknown config key 'n_layr'"),
     ('sample.py', ['--start=FILE:/missing'], "sample.py: error: --start='FILE:/missing': FILE: must name an existing"),
     ('sample.py', ['--temperature=-1'], "sample.py: error: --temperature=-1.0: must be >= 0"),
-])
+]
+if torch.cuda.is_available():  # checked against the GPU's size once the process has its device
+    PROCESS_BAD += [('train.py', ['--memory_limit_gib=100000'], "--memory_limit_gib=100000.0: more than the")]
+
+
+@pytest.mark.parametrize('script,args,message', PROCESS_BAD)
 def test_bad_flag_process(work, script, args, message):
     before = snapshot(work / 'run')
     extra = [*MICRO, '--overwrite=True'] if script == 'train.py' else []
