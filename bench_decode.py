@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from checkpoint import CheckpointError, load_model
 from engine import Engine, SamplingParams
 from model import ModelConfig, Transformer
+from prepare import write_text
 
 
 CHAR = dict(vocab_size=128, block_size=256, n_layer=7, n_embd=384, n_head=6, kv_lora_rank=128,
@@ -192,13 +193,11 @@ def main():
         torch.cuda.empty_cache()
 
     header = [name for name, _ in COLUMNS]
-    table = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, random weights; medians",
-             '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    table += ['| ' + ' | '.join(row) + ' |' for row in rows]
-    print('\n' + '\n'.join(table))
+    lines = ['| ' + ' | '.join(cells) + ' |' for cells in [header, ['---'] * len(header), *rows]]
+    table = '\n'.join([f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, random weights; medians", '', *lines])
+    print('\n' + table)
     if args.out:
-        with open(args.out, 'w') as f:
-            f.write('\n'.join(table) + '\n')
+        write_text(args.out, table + '\n')
 
 
 if __name__ == '__main__':
