@@ -73,7 +73,7 @@ def step_inputs(engine, B, T):
 
 
 def measure(name, model, B, T, speculative=False, compile=False, tokenizer=TOKENIZER):
-    engine = Engine(model, tokenizer, max_batch=B, speculative=speculative, compile=compile)
+    engine = Engine(model, tokenizer, max_batch=B, speculative=speculative, compile=compile, buckets=[B])
     graph, inputs = step_inputs(engine, B, T)
     eager = lambda: engine.step_fn(*inputs)
     with torch.no_grad():
@@ -177,9 +177,8 @@ def main():
             raise SystemExit(f"bench_decode.py: error: {e}")
     elif args.speculative:
         model = Transformer(ModelConfig(**CHAR, mtp_depth=1)).to('cuda', torch.bfloat16).eval()
-        # compiled only up to batch 16: each bucket up to the batch compiles anew (~30 s each)
         cases = [('char (7 layers + MTP)', model, B, 256, spec, comp)
-                 for B in (1, 16, 64) for comp in (False, True) for spec in (False, True) if B <= 16 or not comp]
+                 for B in (1, 16, 64) for comp in (False, True) for spec in (False, True)]
     else:
         cases = []
         for name, shape, cache_lens in [('char (7 layers)', CHAR, [256]),

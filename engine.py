@@ -14,10 +14,10 @@ parameters and ends share one batch of fixed cache slots (continuous batching).
   accepted or resampled so that every token is distributed exactly as the model says (greedy:
   the same tokens as plain decoding).
 - compile=True: torch.compile fuses each step's small ops before its graph is captured (the step's
-  kernels roughly halve; costs a compilation per batch bucket at start-up).
+  kernels roughly halve; costs a compilation per batch bucket at start-up). buckets= picks the
+  batch sizes that get a graph (default: powers of two up to max_batch, and max_batch).
 One engine per model at a time: it owns the model's caches.
 """
-import math
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -170,7 +170,7 @@ def windows(n_tokens, block_size, stride):
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch=64, cuda_graphs=None, cache_mode='latent', speculative=False,
-                 max_positions=None, compile=False):
+                 max_positions=None, compile=False, buckets=None):
         self.model, self.cfg = model, model.cfg
         self.device = model.head.weight.device
         self.encode, self.decode = get_tokenizer(tokenizer)
@@ -204,6 +204,9 @@ class Engine:
         # graphs need static shapes all the way down: fp32 experts loop on the host (model.grouped_mm)
         capturable = self.device.type == 'cuda' and (model.head.weight.dtype != torch.float32 or not model.moe_layers())
         use_graphs = capturable if cuda_graphs is None else cuda_graphs
+        # batch sizes with a graph of their own: powers of two, and max_batch (always captured)
+        self.buckets = sorted({b for b in buckets or [2 ** i for i in range(max_batch.bit_length())] if b < max_batch}
+                              | {max_batch})
         self.graphs = self.capture_graphs() if use_graphs else None
         self.params_in_graph = {}  # bucket -> the sampler whose parameters its graph holds
 
@@ -399,10 +402,8 @@ class Engine:
     def capture_graphs(self):
         """A CUDA graph of one decode step (sampling included) per batch bucket, captured before any
         request exists: the warm-up writes into the (still empty) caches. Buckets share one pool."""
-        buckets = [2 ** i for i in range(int(math.log2(self.max_batch)) + 1)]
-        buckets += [self.max_batch] if buckets[-1] != self.max_batch else []
         graphs, pool = {}, torch.cuda.graph_pool_handle()
-        for b in reversed(buckets):
+        for b in reversed(self.buckets):
             inputs = (torch.zeros(b, 4 if self.speculative else 2, dtype=torch.long, device=self.device),
                       torch.ones(b, 4, device=self.device), torch.ones(b, 4, device=self.device))
             stream = torch.cuda.Stream()

@@ -183,6 +183,15 @@ def test_cuda_graphs_decode_what_eager_decodes(mode, speculative, window):
     assert outs[0] == outs[1]
 
 
+def test_batch_buckets():
+    """A graph per power of two up to max_batch and for max_batch itself, or for the sizes asked
+    (past max_batch dropped, max_batch always there: every batch has a bucket that holds it)."""
+    m = make()
+    assert Engine(m, TOKENIZER, max_batch=64).buckets == [1, 2, 4, 8, 16, 32, 64]
+    assert Engine(m, TOKENIZER, max_batch=5).buckets == [1, 2, 4, 5]
+    assert Engine(m, TOKENIZER, max_batch=16, buckets=[3, 8, 40]).buckets == [3, 8, 16]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('speculative', [False, True])
 def test_compiled_step_decodes_what_the_plain_step_decodes(speculative):
