@@ -34,7 +34,7 @@ import torch
 from checkpoint import load_model, save_checkpoint
 from engine import Engine, SamplingParams
 from model import ModelConfig, Transformer
-from prepare import END, chat_template
+from prepare import END, chat_template, write_text
 
 HERE = Path(__file__).resolve().parent
 LORA_TARGETS = 'wq,wkv_a,wkv_b,wo,w1,w2,w3'  # attention and every MLP: dense, shared, routed experts
@@ -335,9 +335,7 @@ def main():
     lines.append(f"whole bench: {time.time() - t0:.0f} s")
     print('\n' + '\n'.join(lines))
     if args.out:
-        with open(args.out + '.tmp', 'w') as f:
-            f.write('\n'.join(lines) + '\n')
-        os.replace(args.out + '.tmp', args.out)
+        write_text(args.out, '\n'.join(lines) + '\n')
     if not args.work:
         shutil.rmtree(work)
     failed = [r['name'] for r in runs if r['error'] and r['error'] != 'OOM']

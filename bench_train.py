@@ -28,6 +28,7 @@ import torch
 
 from bench_decode import events_ms, kernel_ms
 from model import ModelConfig, Transformer
+from prepare import write_text
 
 parser = argparse.ArgumentParser()
 parser.add_argument('config', nargs='?', default='config/train_shakespeare_char.py')
@@ -113,7 +114,7 @@ for mode in args.modes.split(','):
     for _ in range(5):  # compile, then CUDA graphs' warm-up and recording
         step()
     torch.cuda.synchronize()
-    step_ms, gpu_ms = events_ms(step), kernel_ms(step)
+    step_ms, (gpu_ms, _) = events_ms(step), kernel_ms(step)
     rows.append((f'step, {mode}', f"{step_ms:.2f}", f"{gpu_ms:.2f}", f"{gpu_ms / step_ms:.0%}",
                  f"{B * T / step_ms * 1e3:,.0f}"))
     print(' | '.join(rows[-1]), flush=True)
@@ -142,6 +143,4 @@ table = [f"{args.config}: batch {B} x {T}, {args.optimizer}; {torch.cuda.get_dev
 table += ['| ' + ' | '.join(row) + ' |' for row in rows]
 print('\n' + '\n'.join(table))
 if args.out:
-    with open(args.out + '.tmp', 'w') as f:
-        f.write('\n'.join(table) + '\n')
-    os.replace(args.out + '.tmp', args.out)
+    write_text(args.out, '\n'.join(table) + '\n')

@@ -205,10 +205,9 @@ class Engine:
         capturable = self.device.type == 'cuda' and (model.head.weight.dtype != torch.float32 or not model.moe_layers())
         use_graphs = capturable if cuda_graphs is None else cuda_graphs
         # batch sizes with a graph of their own: powers of two, and max_batch (always captured)
-        self.buckets = sorted({b for b in buckets or [2 ** i for i in range(max_batch.bit_length())] if b < max_batch}
-                              | {max_batch})
+        buckets = buckets or [2 ** i for i in range(max_batch.bit_length())]
+        self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.graphs = self.capture_graphs() if use_graphs else None
-        self.params_in_graph = {}  # bucket -> the sampler whose parameters its graph holds
 
     # -------------------------------------------------------------------------
     # requests
@@ -345,9 +344,7 @@ class Engine:
         bucket = next(b for b in self.graphs if b >= n)
         graph, (static_ids, static_params, static_u), outputs = self.graphs[bucket]
         static_ids[:n].copy_(ids)
-        if self.params_in_graph.get(bucket) is not sampler:  # once per batch composition
-            static_params[:n].copy_(sampler.params)
-            self.params_in_graph[bucket] = sampler
+        static_params[:n].copy_(sampler.params)
         sampler.uniforms(out=static_u[:n])
         graph.replay()
         return tuple(o[:n] for o in outputs)

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from checkpoint import CheckpointError, load_model
 from engine import Engine, SamplingParams, windows
 from flags import check_flags, non_negative, one_of, positive, usage_error
-from prepare import EOT, get_tokenizer, gpt2_encoding, read_shard, vocab_size_of
+from prepare import EOT, get_tokenizer, gpt2_encoding, read_jsonl, read_shard, vocab_size_of
 
 try:  # lm-evaluation-harness is optional: only the adapter needs it
     import lm_eval.models  # noqa: F401  lm_eval's own models first: it only loads them into an empty registry
@@ -142,24 +142,18 @@ def token_bytes(tokenizer):
     return np.array([0 if i == EOT else len(enc.decode_single_token_bytes(i)) for i in range(vocab_size_of(tokenizer))])
 
 
+def mc_item(row):
+    ok = (isinstance(row.get('ctx'), str) and isinstance(row.get('endings'), list) and row['endings']
+          and all(isinstance(e, str) for e in row['endings'])
+          and type(row.get('label')) is int and 0 <= row['label'] < len(row['endings']))
+    if not ok:
+        raise ValueError('expected {"ctx": str, "endings": [str, ...], "label": int index into endings}')
+    return row
+
+
 def read_mc(path):
     """Multiple-choice items from a JSONL file; a malformed line is a one-line error naming it."""
-    items = []
-    with open(path, encoding='utf-8') as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                ok = (isinstance(item.get('ctx'), str) and isinstance(item.get('endings'), list) and item['endings']
-                      and all(isinstance(e, str) for e in item['endings'])
-                      and type(item.get('label')) is int and 0 <= item['label'] < len(item['endings']))
-            except (json.JSONDecodeError, AttributeError):
-                ok = False
-            if not ok:
-                raise ValueError(f'{path}:{n}: expected {{"ctx": str, "endings": [str, ...], '
-                                 f'"label": int index into endings}}')
-            items.append(item)
+    items = read_jsonl(path, mc_item)
     if not items:
         raise ValueError(f"{path}: no items")
     return items

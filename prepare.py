@@ -454,25 +454,33 @@ def alpaca_messages(row):
     prompt = row['instruction'] + (f"\n\n{row['input']}" if row.get('input') else '')
     return [{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': row['output']}]
 
+def read_jsonl(path, parse):
+    """parse(row) for the JSON object on each non-blank line; an error (parse's ValueError too) is a
+    ValueError naming path:line."""
+    out = []
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a json object, got {type(row).__name__}")
+                out.append(parse(row))
+            except ValueError as e:  # json's own errors are ValueErrors too
+                raise ValueError(f"{path}:{n}: {e}") from None
+    return out
+
+def conversation(row, fmt):
+    messages = alpaca_messages(row) if fmt == 'alpaca' else row.get('messages')
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("expected a non-empty list 'messages'")
+    chat_segments(messages)  # validates every message
+    return messages
+
 def read_conversations(files, fmt):
     """Every line of the jsonl files as a list of messages; bad lines are named by file:line."""
-    convs = []
-    for path in files:
-        with open(path, encoding='utf-8') as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    if not isinstance(row, dict):
-                        raise ValueError(f"expected a json object, got {type(row).__name__}")
-                    messages = alpaca_messages(row) if fmt == 'alpaca' else row.get('messages')
-                    if not isinstance(messages, list) or not messages:
-                        raise ValueError("expected a non-empty list 'messages'")
-                    chat_segments(messages)  # validates every message
-                except ValueError as e:
-                    raise ValueError(f"{path}:{n}: {e}") from None
-                convs.append(messages)
+    convs = [c for path in files for c in read_jsonl(path, lambda row: conversation(row, fmt))]
     if len(convs) < 2:
         raise ValueError(f"--format={fmt} needs at least two examples (train and val), got {len(convs)}")
     return convs
