@@ -4,10 +4,12 @@ given cache length (sampling included), replayed from the engine's CUDA graph, n
 the summed GPU time of the step's kernels (profiler). The graph's step time over the kernel time
 says how much host overhead is left (1.0 = none). --speculative: the char model with an MTP block,
 plain against speculative steps (a draft and its verification), each also with torch.compile
-fusing the step's small ops before the graph is captured. --hf_dir: a Hugging Face directory
+fusing the step's small ops before the graph is captured, and at batch 1 torch.compile's own
+reduce-overhead graphs in place of the engine's (the issue asked for both). --hf_dir: a Hugging Face directory
 (e.g. `python hf.py random --hf_dir=v2-lite`, DeepSeek-V2-Lite's shape) loaded and decoded whole.
---breakdown: where engine.generate's time goes (prefills, steps, host) at batch 1.
-$ python bench_decode.py [--layers 4] [--speculative | --breakdown | --hf_dir DIR [--block_size 4096]] [--out PATH]
+--breakdown: where engine.generate's time goes (prefills, steps, host) at batch 1, on random
+weights or a trained checkpoint (--out_dir).
+$ python bench_decode.py [--layers 4] [--speculative | --breakdown [--out_dir DIR] | --hf_dir DIR [--block_size 4096]] [--out PATH]
 """
 import argparse
 import os
@@ -21,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from checkpoint import CheckpointError, load_model
 from engine import Engine, SamplingParams
 from model import ModelConfig, Transformer
-from prepare import write_text
+from prepare import get_tokenizer, write_text
 
 
 CHAR = dict(vocab_size=128, block_size=256, n_layer=7, n_embd=384, n_head=6, kv_lora_rank=128,
@@ -60,25 +62,38 @@ def kernel_ms(fn, n=10):
 
 
 def step_inputs(engine, B, T):
-    """The B-bucket graph's inputs set for a full cache of T: tokens at random, each sequence's
-    pending token at T - 1 (speculative: T - 2, its draft at T - 1), sampling at temperature 0.8, top-k 200."""
-    graph, (ids, params, u), _ = engine.graphs[B]
+    """The step's inputs (the B-bucket graph's own where it has one) set for a full cache of T: tokens
+    at random, each sequence's pending token at T - 1 (speculative: T - 2, its draft at T - 1),
+    sampling at temperature 0.8, top-k 200."""
+    ids, params, u = engine.graphs[B][1] if engine.graphs else (
+        torch.zeros(B, 4 if engine.speculative else 2, dtype=torch.long, device='cuda'),
+        torch.ones(B, 4, device='cuda'), torch.ones(B, 4, device='cuda'))
     ids.random_(0, 128)
     ids[:, 1] = T - 1 - engine.speculative
     if engine.speculative:
         ids[:, 3] = T - 4  # where the MTP block restarts
     params[:, 0] = 0.8
     params[:, 1:] = torch.tensor([200.0, 1.0, 0.0])
-    return graph, (ids, params, u)
+    return ids, params, u
 
 
 def measure(name, model, B, T, speculative=False, compile=False, tokenizer=TOKENIZER):
-    engine = Engine(model, tokenizer, max_batch=B, speculative=speculative, compile=compile, buckets=[B])
-    graph, inputs = step_inputs(engine, B, T)
+    """compile: False, True (inductor, then the engine's CUDA graph) or 'reduce-overhead' (inductor
+    and torch.compile's own CUDA graphs in place of the engine's)."""
+    own = compile == 'reduce-overhead'
+    engine = Engine(model, tokenizer, max_batch=B, speculative=speculative, compile=compile is True, buckets=[B],
+                    cuda_graphs=not own)
+    inputs = step_inputs(engine, B, T)
     eager = lambda: engine.step_fn(*inputs)
+    if own:
+        compiled = torch.compile(engine.step_fn, mode='reduce-overhead', dynamic=False)
+        replay = lambda: compiled(*inputs)
+    else:
+        replay = engine.graphs[B][0].replay
     with torch.no_grad():
-        graph_ms, eager_ms, (gpu_ms, n_kernels) = events_ms(graph.replay), events_ms(eager), kernel_ms(eager)
-    return dict(model=name, step=('speculative' if speculative else 'plain') + (' + compile' if compile else ''),
+        graph_ms, eager_ms, (gpu_ms, n_kernels) = events_ms(replay), events_ms(eager), kernel_ms(replay if own else eager)
+    kind = {False: '', True: ' + compile', 'reduce-overhead': ', compile reduce-overhead'}[compile]
+    return dict(model=name, step=('speculative' if speculative else 'plain') + kind,
                 batch=B, cache=T, graph_ms=graph_ms, eager_ms=eager_ms, gpu_ms=gpu_ms, kernels=n_kernels)
 
 
@@ -95,15 +110,22 @@ def show(row):
             for (name, fmt) in COLUMNS]
 
 
-def breakdown():
+def breakdown(out_dir=None):
     """Where engine.generate's time goes at batch 1 (500 tokens after a one-token prompt, the second
-    of two runs): prefills (a block of 256 is prefilled again every 128 tokens), decode steps
-    (synchronized) and the host around them; plain against speculative, eager against compiled steps."""
-    for block in (256, 1024):
-        model = Transformer(ModelConfig(**{**CHAR, 'block_size': block}, mtp_depth=1)).to('cuda', torch.bfloat16).eval()
+    of two runs): prefills (the prompt's, and every block_size / 2 tokens the last block_size / 2
+    again), decode steps (synchronized) and the host around them; plain against speculative, eager
+    against compiled steps. out_dir: a trained checkpoint (its own drafts' acceptance), else random
+    weights at blocks 256 and 1024."""
+    if out_dir:
+        model, ckpt = load_model(out_dir, 'best', device='cuda', dtype=torch.bfloat16)
+        models = [(model, ckpt['tokenizer'], get_tokenizer(ckpt['tokenizer'])[0]('\n'))]
+    else:
+        models = [(Transformer(ModelConfig(**{**CHAR, 'block_size': block}, mtp_depth=1)).to('cuda', torch.bfloat16).eval(),
+                   TOKENIZER, [1]) for block in (256, 1024)]
+    for model, tokenizer, prompt in models:
         for compile in (False, True):
             for speculative in (False, True):
-                engine = Engine(model, TOKENIZER, max_batch=1, speculative=speculative, compile=compile)
+                engine = Engine(model, tokenizer, max_batch=1, speculative=speculative, compile=compile)
                 spent = {'prefill': [0.0, 0], 'run_step': [0.0, 0]}
                 for name, totals in spent.items():
                     setattr(engine, name, synchronized(getattr(engine, name), totals))
@@ -111,10 +133,10 @@ def breakdown():
                     for totals in spent.values():
                         totals[:] = [0.0, 0]
                     t0 = time.perf_counter()
-                    r = engine.generate([[1]], SamplingParams(max_tokens=500, temperature=0.8, top_k=200))[0]
+                    r = engine.generate([prompt], SamplingParams(max_tokens=500, temperature=0.8, top_k=200))[0]
                     dt = time.perf_counter() - t0
                 (prefill_s, prefills), (steps_s, steps) = spent['prefill'], spent['run_step']
-                print(f"block {block}, {'speculative' if speculative else 'plain'}{', compiled' if compile else ''}: "
+                print(f"block {model.cfg.block_size}, {'speculative' if speculative else 'plain'}{', compiled' if compile else ''}: "
                       f"{len(r.tokens) / dt:,.0f} tokens/s; {prefills} prefills {prefill_s * 1e3:.1f} ms, "
                       f"{steps} steps of {steps_s / steps * 1e3:.3f} ms, host {(dt - prefill_s - steps_s) / steps * 1e3:.3f} ms "
                       f"a step; drafts accepted {engine.acceptance_rate:.0%}", flush=True)
@@ -162,6 +184,7 @@ def main():
                         help='the char model with an MTP block: plain vs speculative steps, each also compiled')
     parser.add_argument('--breakdown', action='store_true',
                         help="engine.generate at batch 1: prefills, steps and host time, plain/speculative, eager/compiled")
+    parser.add_argument('--out_dir', default=None, help="with --breakdown: a trained checkpoint's directory (best.pt)")
     parser.add_argument('--hf_dir', default=None, help='a Hugging Face directory (hf.py random): load it, decode at batch 1 and 32')
     parser.add_argument('--block_size', type=int, default=4096, help="with --hf_dir: the context (and cache) length")
     parser.add_argument('--out', default=None, help='also write the markdown table to this file')
@@ -169,7 +192,10 @@ def main():
     assert torch.cuda.is_available(), 'needs a CUDA GPU'
     torch.manual_seed(1337)
     if args.breakdown:
-        return breakdown()
+        try:
+            return breakdown(args.out_dir)
+        except CheckpointError as e:
+            raise SystemExit(f"bench_decode.py: error: {e}")
     if args.hf_dir:
         try:
             cases = imported(args.hf_dir, args.block_size)
@@ -179,6 +205,7 @@ def main():
         model = Transformer(ModelConfig(**CHAR, mtp_depth=1)).to('cuda', torch.bfloat16).eval()
         cases = [('char (7 layers + MTP)', model, B, 256, spec, comp)
                  for B in (1, 16, 64) for comp in (False, True) for spec in (False, True)]
+        cases[2:2] = [('char (7 layers + MTP)', model, 1, 256, spec, 'reduce-overhead') for spec in (False, True)]
     else:
         cases = []
         for name, shape, cache_lens in [('char (7 layers)', CHAR, [256]),

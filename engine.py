@@ -9,6 +9,8 @@ parameters and ends share one batch of fixed cache slots (continuous batching).
   decompressed keys; only the latents are written to the cache) or one decode step of every
   running request. On CUDA the decode step of each batch bucket (1, 2, 4, ..., max_batch) is
   captured once as a CUDA graph and replayed: positions are tensors, so shapes never change.
+  So is a prefill of block_size / 2 tokens (padded; where a bucket of them is small): the prefill
+  that short prompts need, and that a sequence past block_size needs every block_size / 2 tokens.
 - Speculative decoding with the MTP module (DeepSeek-V3 sec. 5.4.3): the MTP block drafts a token,
   the main model verifies it in the same step (two query positions per sequence), and the draft is
   accepted or resampled so that every token is distributed exactly as the model says (greedy:
@@ -115,7 +117,7 @@ def verify(draft, q, logits, params, u):
     when it is the argmax. logits [B, 2, V] are the model's at the pending token and at the draft,
     u [B, >= 3] -> (accepted [B], first token [B], the token after an accepted draft [B])."""
     greedy, argmax = params[:, 3] > 0, logits.argmax(-1)
-    p0, p1 = filtered_probs(logits[:, 0], params), filtered_probs(logits[:, 1], params)
+    p0, p1 = filtered_probs(logits.flatten(0, 1), params.repeat_interleave(2, 0)).unflatten(0, (-1, 2)).unbind(1)
     p_draft, q_draft = p0.gather(1, draft[:, None])[:, 0], q.gather(1, draft[:, None])[:, 0]
     accepted = torch.where(greedy, argmax[:, 0] == draft, u[:, 0] * q_draft < p_draft)
     residual = (p0 - q).clamp(min=0.0)
@@ -166,6 +168,28 @@ def windows(n_tokens, block_size, stride):
 
 
 # -----------------------------------------------------------------------------
+# CUDA graphs: a step's kernels recorded once and replayed, with no Python between them
+
+PREFILL_GRAPH_TOKENS = 4096
+
+
+def capture(fn, pool, *inputs):
+    """-> (graph, inputs, outputs): fn(*inputs) recorded after two warm-up calls on a side stream
+    (first-call work such as cuBLAS's must not land in the graph); replay after writing new values
+    into inputs, and read them from outputs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(2):
+            fn(*inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool), torch.no_grad():
+        outputs = fn(*inputs)
+    return graph, inputs, outputs
+
+
+# -----------------------------------------------------------------------------
 # the engine: slots, prefill, the decode step (a CUDA graph per batch bucket), speculative decoding
 
 class Engine:
@@ -187,8 +211,9 @@ class Engine:
         positions = (max_positions or 16 * self.block_size) if self.ring else self.block_size
         if positions != model.rope_cos.size(0):
             model.set_positions(positions)
-        # a draft sits one position past the pending token, so the context must leave room for it
-        self.max_context = positions - speculative
+        # a draft sits one position past the pending token, so the context must leave room for it;
+        # plain decoding leaves it too, so that both go on from the same tokens past it (same output)
+        self.max_context = positions - 1
         model.setup_cache(max_batch, cache_mode if self.cfg.attn == 'mla' else 'naive',
                           length=window + speculative if self.ring else self.block_size)
         # the main model's hidden states at the two positions the next draft starts from
@@ -207,7 +232,10 @@ class Engine:
         # batch sizes with a graph of their own: powers of two, and max_batch (always captured)
         buckets = buckets or [2 ** i for i in range(max_batch.bit_length())]
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
-        self.graphs = self.capture_graphs() if use_graphs else None
+        # past max_context a sequence goes on from its last refill_length tokens, prefilled again
+        self.refill_length = self.block_size // 2
+        self.graphs, self.prefill_graphs = self.capture_graphs() if use_graphs else (None, None)
+        self.warm_up()
 
     # -------------------------------------------------------------------------
     # requests
@@ -263,6 +291,14 @@ class Engine:
                     on_token(r)
         return requests
 
+    def warm_up(self):
+        """One short request end to end before any real one: first calls (kernels loaded at their
+        first launch, library handles) cost a GPU tens of milliseconds that would otherwise land in
+        the first request. The random state and the counters are left as they were."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == 'cuda' else []):
+            self.generate([[0, 0]], SamplingParams(max_tokens=3))
+        self.next_id, self.accepted, self.drafted = 0, 0, 0
+
     @property
     def acceptance_rate(self):
         return self.accepted / max(self.drafted, 1)
@@ -277,7 +313,7 @@ class Engine:
             self.active.append(self.waiting.popleft())
         for r in self.active:
             if len(r.context) > self.max_context:  # out of positions: go on from the last half
-                r.context, r.cached = r.context[-(self.block_size // 2):], 0
+                r.context, r.cached = r.context[-self.refill_length:], 0
         pending = [r for r in self.active if r.cached == 0]
         if self.ring:  # right-padding would wrap around a ring: one prompt at a time
             pending = pending[:1]
@@ -293,21 +329,34 @@ class Engine:
 
     def prefill(self, requests):
         """Fill the requests' slots with their contexts (right-padded into one batch: causal
-        attention never lets a real token see the padding after it) -> next-token logits [n, V]."""
-        m, n = self.model, len(requests)
-        lengths = torch.tensor([len(r.context) for r in requests])
-        idx = torch.zeros(n, int(lengths.max()), dtype=torch.long)
-        for i, r in enumerate(requests):
+        attention never lets a real token see the padding after it) -> next-token logits [n, V].
+        A batch of contexts up to refill_length replays a captured prefill graph where one holds it:
+        padded to the graph's length, and to its batch with copies of the first row (a copy writes
+        the same values into the same slot)."""
+        n, L = len(requests), max(len(r.context) for r in requests)
+        bucket = next((b for b in self.prefill_graphs or () if b >= n and L <= self.refill_length), None)
+        padded = requests + requests[:1] * ((bucket or n) - n)
+        idx = torch.zeros(len(padded), L if bucket is None else self.refill_length, dtype=torch.long)
+        for i, r in enumerate(padded):
             idx[i, :len(r.context)] = torch.tensor(r.context)
-        idx, rows = idx.to(self.device), torch.tensor([self.active.index(r) for r in requests]).to(self.device)
+        inputs = (idx, torch.tensor([self.active.index(r) for r in padded]), torch.tensor([len(r.context) - 1 for r in padded]))
+        if bucket is None:
+            return self.prefill_step(*(t.to(self.device) for t in inputs))
+        graph, static_inputs, logits = self.prefill_graphs[bucket]
+        for static, t in zip(static_inputs, inputs):
+            static.copy_(t)
+        graph.replay()
+        return logits[:n]
+
+    def prefill_step(self, idx, rows, last):
+        """idx [n, L] into cache slots rows [n], each context ending at last [n] -> logits [n, V]."""
+        m, at = self.model, torch.arange(idx.size(0), device=self.device)
         h = m.trunk(idx, rows=rows)[0]
-        last = lengths.to(self.device) - 1
         if self.speculative:  # the MTP block's cache over the prompt, and where its first draft starts
             if idx.size(1) > 1:
                 m.mtp(h[:, :-1], m.embed(idx[:, 1:]), *m.rope_at(None, idx.size(1) - 1), rows=rows)
-            at = torch.arange(n, device=self.device)
             self.mtp_hidden[rows] = torch.stack([h[at, (last - 1).clamp(min=0)], h[at, last]], 1)
-        return self.logits(h[torch.arange(n, device=self.device), last])
+        return self.logits(h[at, last])
 
     def sampler_of(self, batch):
         if self.sampler is None or self.sampler.requests != batch:
@@ -397,23 +446,23 @@ class Engine:
         return self.logits(m.mtp(self.mtp_hidden[:B], e, *m.rope_at(mtp_pos, 2), pos=mtp_pos)[:, -1])
 
     def capture_graphs(self):
-        """A CUDA graph of one decode step (sampling included) per batch bucket, captured before any
-        request exists: the warm-up writes into the (still empty) caches. Buckets share one pool."""
-        graphs, pool = {}, torch.cuda.graph_pool_handle()
-        for b in reversed(self.buckets):
-            inputs = (torch.zeros(b, 4 if self.speculative else 2, dtype=torch.long, device=self.device),
-                      torch.ones(b, 4, device=self.device), torch.ones(b, 4, device=self.device))
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), torch.no_grad():
-                for _ in range(2):
-                    self.step_fn(*inputs)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), torch.no_grad():
-                outputs = self.step_fn(*inputs)
-            graphs[b] = (graph, inputs, outputs)
-        return dict(sorted(graphs.items()))
+        """CUDA graphs, captured before any request exists (their warm-up runs write into the still
+        empty caches), sharing one memory pool: one decode step (sampling included) per batch bucket,
+        and a prefill of refill_length tokens per bucket that holds at most PREFILL_GRAPH_TOKENS.
+        The refill comes back every refill_length tokens of a long generation, and eagerly a prefill
+        costs tens of host milliseconds whatever its size; a prefill past that many tokens keeps
+        the GPU busy on its own (and its graph would hold its activations). A sliding window's
+        ring or a masked attention stays eager."""
+        pool, long = torch.cuda.graph_pool_handle(), torch.long
+        graphs = {b: capture(self.step_fn, pool, torch.zeros(b, 4 if self.speculative else 2, dtype=long, device=self.device),
+                             torch.ones(b, 4, device=self.device), torch.ones(b, 4, device=self.device))
+                  for b in reversed(self.buckets)}
+        prefill_graphs = {}
+        if not self.cfg.attn_window:
+            for b in reversed([b for b in self.buckets if b * self.refill_length <= PREFILL_GRAPH_TOKENS]):
+                prefill_graphs[b] = capture(self.prefill_step, pool, torch.zeros(b, self.refill_length, dtype=long, device=self.device),
+                                            torch.arange(b, device=self.device), torch.zeros(b, dtype=long, device=self.device))
+        return dict(sorted(graphs.items())), dict(sorted(prefill_graphs.items()))
 
     # -------------------------------------------------------------------------
     # tokens in, ends checked

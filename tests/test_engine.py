@@ -177,10 +177,29 @@ def test_cuda_graphs_decode_what_eager_decodes(mode, speculative, window):
     outs = []
     for graphs in (True, False):
         e = Engine(m, TOKENIZER, max_batch=4, cache_mode=mode, cuda_graphs=graphs, speculative=speculative)
-        assert (e.graphs is not None) == graphs
+        assert (e.graphs is not None) == graphs and bool(e.prefill_graphs) == (graphs and not window)
         outs.append([r.tokens for r in e.generate(prompts, params[:5])])
         del e
     assert outs[0] == outs[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('speculative', [False, True])
+def test_prefill_graphs_prefill_what_eager_prefills(speculative):
+    """fp32, dense (capturable in fp32): prompts and the refills past block_size replayed from the
+    prefill graphs (padded in length, and in batch with copies of a row) give the eager path's
+    greedy tokens and log-probabilities."""
+    m = make(mtp_depth=1, n_routed_experts=0).to('cuda')
+    prompts = [[5, 6, 7], [9] * 11, [3], list(range(30))]  # the last one is longer than a refill: eager
+    params = SamplingParams(max_tokens=40, temperature=0, logprobs=True)
+    runs = []
+    for graphs in (True, False):
+        e = Engine(m, TOKENIZER, max_batch=3, speculative=speculative, cuda_graphs=graphs)
+        assert list(e.prefill_graphs or ()) == ([1, 2, 3] if graphs else [])
+        runs.append(e.generate(prompts, params))
+    assert [r.tokens for r in runs[0]] == [r.tokens for r in runs[1]]
+    torch.testing.assert_close(torch.tensor([r.logprobs for r in runs[0]]), torch.tensor([r.logprobs for r in runs[1]]),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_batch_buckets():
@@ -212,11 +231,12 @@ def test_compiled_step_decodes_what_the_plain_step_decodes(speculative):
 @pytest.mark.parametrize('mode', ['latent', 'naive'])
 def test_speculative_greedy_equals_plain_greedy(mode):
     """MTP drafts, the model verifies two positions at once: greedy tokens stay exactly the plain
-    ones, ragged batch and slots reused included (random weights: many drafts are rejected)."""
+    ones, ragged batch, slots reused and refills past block_size included (random weights: many
+    drafts are rejected)."""
     m = make(mtp_depth=1, block_size=48)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 90, (n,), generator=g).tolist() for n in (1, 2, 9, 4, 15)]
-    params = SamplingParams(max_tokens=20, temperature=0)
+    params = SamplingParams(max_tokens=45, temperature=0)
     plain = Engine(m, TOKENIZER, max_batch=3, cache_mode=mode).generate(prompts, params)
     spec_engine = Engine(m, TOKENIZER, max_batch=3, cache_mode=mode, speculative=True)
     spec = spec_engine.generate(prompts, params)
@@ -226,15 +246,20 @@ def test_speculative_greedy_equals_plain_greedy(mode):
     assert spec_engine.drafted > 0 and 0 <= spec_engine.accepted <= spec_engine.drafted
 
 
-def test_speculative_accepts_every_draft_that_agrees():
-    """A zero head makes every prediction token 0, the MTP module's too: each draft is accepted,
-    and every step but those after a prefill yields two tokens."""
-    m = make(mtp_depth=1, block_size=48)
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs a CUDA GPU'))])
+@pytest.mark.parametrize('temperature', [0, 1.0])
+def test_speculative_accepts_every_draft_that_agrees(device, temperature):
+    """A zero head makes every prediction token 0 (greedy) or uniform (sampled), the MTP module's
+    too: each draft is accepted, and every step but those after a prefill yields two tokens (on a
+    GPU: bf16, steps replayed from CUDA graphs)."""
+    m = make(mtp_depth=1, block_size=48).to(device, torch.bfloat16 if device == 'cuda' else torch.float32)
     with torch.no_grad():
         m.head.weight.zero_()
     e = Engine(m, TOKENIZER, max_batch=2, speculative=True)
-    out = e.generate([[1, 2, 3], [4]], SamplingParams(max_tokens=21, temperature=0))
-    assert all(r.tokens == [0] * 21 for r in out)
+    assert (e.graphs is not None) == (device == 'cuda')
+    out = e.generate([[1, 2, 3], [4]], SamplingParams(max_tokens=21, temperature=temperature))
+    assert all(len(r.tokens) == 21 for r in out) and (temperature or all(r.tokens == [0] * 21 for r in out))
     assert e.acceptance_rate == 1.0 and e.drafted == 2 * 10  # 1 token from the prefill, then 2 a step
 
 
