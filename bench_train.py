@@ -54,7 +54,7 @@ lr = run.get('learning_rate', 1e-3)
 
 
 def training_step(mode):
-    """train.py's step, on one fixed random batch, with torch.compile(mode) (none: eager)."""
+    """train.py's step, on one fixed random batch, with torch.compile(mode) (none: eager) -> (step, model)."""
     torch._dynamo.reset()  # each mode compiles afresh
     torch.manual_seed(1337)
     model = Transformer(cfg).cuda().train()
@@ -72,7 +72,7 @@ def training_step(mode):
         optimizer.zero_grad(set_to_none=True)
         if stats['load'] is not None:
             model.update_router_biases(stats['load'])
-    return step
+    return step, model
 
 
 def our_train_py(out_dir, *flags):
@@ -110,21 +110,22 @@ def time_to_loss(cmd, cwd=None):
 
 rows = []
 for mode in filter(None, args.modes.split(',')):  # --modes='' times only the runs below
-    step = training_step(mode)
+    step, model = training_step(mode)
     for _ in range(5):  # compile, then CUDA graphs' warm-up and recording
         step()
     torch.cuda.synchronize()
     step_ms, (gpu_ms, _) = events_ms(step), kernel_ms(step)
+    mfu = model.estimate_mfu(B * T / step_ms * 1e3, 'cuda')
     rows.append((f'step, {mode}', f"{step_ms:.2f}", f"{gpu_ms:.2f}", f"{gpu_ms / step_ms:.0%}",
-                 f"{B * T / step_ms * 1e3:,.0f}"))
+                 f"{B * T / step_ms * 1e3:,.0f}", '' if mfu is None else f"{mfu:.1%}"))
     print(' | '.join(rows[-1]), flush=True)
-    del step
+    del step, model
     torch.cuda.empty_cache()
 if (args.loop_iters or args.to_loss) and not os.path.exists(meta_path):
     sys.exit(f"no {meta_path}: run `python prepare.py {run.get('dataset')}` here first, or pass --loop_iters=0")
 if args.loop_iters:
     loop_ms, loop_tps = loop_speed()
-    rows.append(('train.py loop (its default mode)', f"{loop_ms:.2f}", '', '', f"{loop_tps:,.0f}"))
+    rows.append(('train.py loop (its default mode)', f"{loop_ms:.2f}", '', '', f"{loop_tps:,.0f}", ''))
     print(' | '.join(rows[-1]), flush=True)
 if args.to_loss:
     with tempfile.TemporaryDirectory() as out_dir:
@@ -134,10 +135,10 @@ if args.to_loss:
         for name, cmd, cwd in runs:
             seconds = time_to_loss(cmd, cwd)
             reached = f"{seconds:.1f} s" if seconds is not None else 'never'
-            rows.append((f'{name}: wall time from launch to val loss <= {args.to_loss}: {reached}', '', '', '', ''))
+            rows.append((f'{name}: wall time from launch to val loss <= {args.to_loss}: {reached}', '', '', '', '', ''))
             print(' | '.join(rows[-1]), flush=True)
 
-header = ('what', 'ms / step', 'GPU kernel ms', 'GPU busy', 'tokens/s')
+header = ('what', 'ms / step', 'GPU kernel ms', 'GPU busy', 'tokens/s', 'MFU')
 table = [f"{args.config}: batch {B} x {T}, {args.optimizer}; {torch.cuda.get_device_name()}, torch "
          f"{torch.__version__}, bf16; medians", '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
 table += ['| ' + ' | '.join(row) + ' |' for row in rows]
