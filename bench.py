@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 import model
 import ops
+from bench_decode import markdown_table
+from prepare import write_text
 
 parser = argparse.ArgumentParser()
 parser.add_argument('--quick', action='store_true', help='fewer repeats, smaller MoE layer')
@@ -222,9 +224,7 @@ for T in (2048, 8192):
 header = ('op', 'shape', 'ms', 'ref ms', 'speedup', 'GB/s', 'TFLOP/s', '% of floor')
 table = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}: copy {COPY_GBS:.0f} GB/s, "
          f"bf16 matmul {MM_TFLOPS:.0f} TFLOP/s; medians of {REPS}; MoE layer / dense = {moe_ms / dense_ms:.2f}",
-         '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-table += ['| ' + ' | '.join(row) + ' |' for row in rows]
+         '', *markdown_table(header, rows)]
 print('\n' + '\n'.join(table))
 if args.out:
-    with open(args.out, 'w') as f:
-        f.write('\n'.join(table) + '\n')
+    write_text(args.out, '\n'.join(table) + '\n')

@@ -65,9 +65,7 @@ def step_inputs(engine, B, T):
     """The step's inputs (the B-bucket graph's own where it has one) set for a full cache of T: tokens
     at random, each sequence's pending token at T - 1 (speculative: T - 2, its draft at T - 1),
     sampling at temperature 0.8, top-k 200."""
-    ids, params, u = engine.graphs[B][1] if engine.graphs else (
-        torch.zeros(B, 4 if engine.speculative else 2, dtype=torch.long, device='cuda'),
-        torch.ones(B, 4, device='cuda'), torch.ones(B, 4, device='cuda'))
+    ids, params, u = engine.graphs[B][1] if engine.graphs else engine.step_inputs(B)
     ids.random_(0, 128)
     ids[:, 1] = T - 1 - engine.speculative
     if engine.speculative:
@@ -177,6 +175,30 @@ def imported(hf_dir, block_size):
     return [(name, model, B, block_size, False, False, ckpt['tokenizer']) for B in (1, 32)]
 
 
+def timing_cases(args):
+    """The (name, model, batch, cache, speculative, compile[, tokenizer]) steps to time."""
+    if args.hf_dir:
+        return imported(args.hf_dir, args.block_size)
+    if args.speculative:
+        model = Transformer(ModelConfig(**CHAR, mtp_depth=1)).to('cuda', torch.bfloat16).eval()
+        cases = [('char (7 layers + MTP)', model, B, 256, spec, comp)
+                 for B in (1, 16, 64) for comp in (False, True) for spec in (False, True)]
+        cases[2:2] = [('char (7 layers + MTP)', model, 1, 256, spec, 'reduce-overhead') for spec in (False, True)]
+        return cases
+    cases = []
+    for name, shape, cache_lens in [('char (7 layers)', CHAR, [256]),
+                                    (f'V2-Lite-shaped ({args.layers} layers)', {**V2_LITE, 'n_layer': args.layers}, [2048, 8192])]:
+        for T in cache_lens:
+            model = Transformer(ModelConfig(**{**shape, 'block_size': T})).to('cuda', torch.bfloat16).eval()
+            cases += [(name, model, B, T, False, False) for B in (1, 16, 64)]
+    return cases
+
+
+def markdown_table(header, rows):
+    """-> the lines of a markdown table (the bench scripts' output format)."""
+    return ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header), *('| ' + ' | '.join(row) + ' |' for row in rows)]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('--layers', type=int, default=4, help='layers of the V2-Lite-shaped stack (27 in V2-Lite)')
@@ -191,36 +213,19 @@ def main():
     args = parser.parse_args()
     assert torch.cuda.is_available(), 'needs a CUDA GPU'
     torch.manual_seed(1337)
-    if args.breakdown:
-        try:
+    try:
+        if args.breakdown:
             return breakdown(args.out_dir)
-        except CheckpointError as e:
-            raise SystemExit(f"bench_decode.py: error: {e}")
-    if args.hf_dir:
-        try:
-            cases = imported(args.hf_dir, args.block_size)
-        except CheckpointError as e:
-            raise SystemExit(f"bench_decode.py: error: {e}")
-    elif args.speculative:
-        model = Transformer(ModelConfig(**CHAR, mtp_depth=1)).to('cuda', torch.bfloat16).eval()
-        cases = [('char (7 layers + MTP)', model, B, 256, spec, comp)
-                 for B in (1, 16, 64) for comp in (False, True) for spec in (False, True)]
-        cases[2:2] = [('char (7 layers + MTP)', model, 1, 256, spec, 'reduce-overhead') for spec in (False, True)]
-    else:
-        cases = []
-        for name, shape, cache_lens in [('char (7 layers)', CHAR, [256]),
-                                        (f'V2-Lite-shaped ({args.layers} layers)', {**V2_LITE, 'n_layer': args.layers}, [2048, 8192])]:
-            for T in cache_lens:
-                model = Transformer(ModelConfig(**{**shape, 'block_size': T})).to('cuda', torch.bfloat16).eval()
-                cases += [(name, model, B, T, False, False) for B in (1, 16, 64)]
+        cases = timing_cases(args)
+    except CheckpointError as e:
+        raise SystemExit(f"bench_decode.py: error: {e}")
     rows = []
     for case in cases:
         rows.append(show(measure(*case)))
         print(' | '.join(rows[-1]), flush=True)
         torch.cuda.empty_cache()
 
-    header = [name for name, _ in COLUMNS]
-    lines = ['| ' + ' | '.join(cells) + ' |' for cells in [header, ['---'] * len(header), *rows]]
+    lines = markdown_table([name for name, _ in COLUMNS], rows)
     table = '\n'.join([f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, random weights; medians", '', *lines])
     print('\n' + table)
     if args.out:

@@ -16,7 +16,6 @@ $ python bench_finetune.py --cpu_smoke --input ...   # the same code at toy size
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import re
@@ -33,7 +32,8 @@ import torch
 
 from checkpoint import load_model, save_checkpoint
 from engine import Engine, SamplingParams
-from model import ModelConfig, Transformer
+from bench_decode import markdown_table
+from model import ModelConfig, Transformer, padded_vocab
 from prepare import END, chat_template, write_text
 
 HERE = Path(__file__).resolve().parent
@@ -234,9 +234,7 @@ def random_base(work, name, config, overrides):
     exec(open(config).read(), {}, settings)
     settings.update(overrides)
     meta = json.loads((work / 'data' / settings['dataset'] / 'meta.json').read_text())
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in settings.items() if k in fields},
-                      vocab_size=64 * math.ceil(meta['vocab_size'] / 64))
+    cfg = ModelConfig.from_settings(settings, vocab_size=padded_vocab(meta['vocab_size']))
     torch.manual_seed(0)
     model = Transformer(cfg)
     os.makedirs(work / name)
@@ -293,8 +291,7 @@ def shakespeare(work, args):
 
 
 def markdown(note, header, table):
-    return [note, '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header),
-            *('| ' + ' | '.join(row) + ' |' for row in table), '']
+    return [note, '', *markdown_table(header, table), '']
 
 
 def main():

@@ -14,7 +14,6 @@ $ python bench_train.py [config/train_shakespeare_char.py] [--optimizer muon] [-
 """
 import argparse
 import json
-import math
 import os
 import re
 import statistics
@@ -22,12 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields
 
 import torch
 
-from bench_decode import events_ms, kernel_ms
-from model import ModelConfig, Transformer
+from bench_decode import events_ms, kernel_ms, markdown_table
+from model import ModelConfig, Transformer, padded_vocab
 from prepare import write_text
 
 parser = argparse.ArgumentParser()
@@ -44,11 +42,9 @@ torch.backends.cuda.matmul.allow_tf32 = True
 
 run = {}  # the config file's globals, as train.py's configurator sets them
 exec(open(args.config).read(), {}, run)
-model_fields = {f.name for f in fields(ModelConfig)}
 meta_path = os.path.join('data', run.get('dataset', 'shakespeare'), 'meta.json')
 dataset_vocab = json.load(open(meta_path))['vocab_size'] if os.path.exists(meta_path) else 65
-vocab_size = run.get('vocab_size') or 64 * math.ceil(dataset_vocab / 64)
-cfg = ModelConfig(**{**{k: v for k, v in run.items() if k in model_fields}, 'vocab_size': vocab_size})
+cfg = ModelConfig.from_settings(run, vocab_size=run.get('vocab_size') or padded_vocab(dataset_vocab))
 B, T = run.get('batch_size', 32), cfg.block_size
 lr = run.get('learning_rate', 1e-3)
 
@@ -140,8 +136,7 @@ if args.to_loss:
 
 header = ('what', 'ms / step', 'GPU kernel ms', 'GPU busy', 'tokens/s', 'MFU')
 table = [f"{args.config}: batch {B} x {T}, {args.optimizer}; {torch.cuda.get_device_name()}, torch "
-         f"{torch.__version__}, bf16; medians", '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-table += ['| ' + ' | '.join(row) + ' |' for row in rows]
+         f"{torch.__version__}, bf16; medians", '', *markdown_table(header, rows)]
 print('\n' + '\n'.join(table))
 if args.out:
     write_text(args.out, '\n'.join(table) + '\n')

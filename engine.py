@@ -234,7 +234,7 @@ class Engine:
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         # past max_context a sequence goes on from its last refill_length tokens, prefilled again
         self.refill_length = self.block_size // 2
-        self.graphs, self.prefill_graphs = self.capture_graphs() if use_graphs else (None, None)
+        self.graphs, self.prefill_graphs = self.capture_graphs() if use_graphs else (None, {})
         self.warm_up()
 
     # -------------------------------------------------------------------------
@@ -334,7 +334,7 @@ class Engine:
         padded to the graph's length, and to its batch with copies of the first row (a copy writes
         the same values into the same slot)."""
         n, L = len(requests), max(len(r.context) for r in requests)
-        bucket = next((b for b in self.prefill_graphs or () if b >= n and L <= self.refill_length), None)
+        bucket = next((b for b in self.prefill_graphs if b >= n), None) if L <= self.refill_length else None
         padded = requests + requests[:1] * ((bucket or n) - n)
         idx = torch.zeros(len(padded), L if bucket is None else self.refill_length, dtype=torch.long)
         for i, r in enumerate(padded):
@@ -453,16 +453,20 @@ class Engine:
         costs tens of host milliseconds whatever its size; a prefill past that many tokens keeps
         the GPU busy on its own (and its graph would hold its activations). A sliding window's
         ring or a masked attention stays eager."""
-        pool, long = torch.cuda.graph_pool_handle(), torch.long
-        graphs = {b: capture(self.step_fn, pool, torch.zeros(b, 4 if self.speculative else 2, dtype=long, device=self.device),
-                             torch.ones(b, 4, device=self.device), torch.ones(b, 4, device=self.device))
-                  for b in reversed(self.buckets)}
+        pool, dev = torch.cuda.graph_pool_handle(), self.device
+        graphs = {b: capture(self.step_fn, pool, *self.step_inputs(b)) for b in reversed(self.buckets)}
         prefill_graphs = {}
         if not self.cfg.attn_window:
             for b in reversed([b for b in self.buckets if b * self.refill_length <= PREFILL_GRAPH_TOKENS]):
-                prefill_graphs[b] = capture(self.prefill_step, pool, torch.zeros(b, self.refill_length, dtype=long, device=self.device),
-                                            torch.arange(b, device=self.device), torch.zeros(b, dtype=long, device=self.device))
+                prefill_graphs[b] = capture(self.prefill_step, pool, torch.zeros(b, self.refill_length, dtype=torch.long, device=dev),
+                                            torch.arange(b, device=dev), torch.zeros(b, dtype=torch.long, device=dev))
         return dict(sorted(graphs.items())), dict(sorted(prefill_graphs.items()))
+
+    def step_inputs(self, b):
+        """Fresh inputs of the decode step for b sequences: ids (token and position; speculative:
+        also the MTP block's token and position), sampling parameters and random numbers."""
+        return (torch.zeros(b, 4 if self.speculative else 2, dtype=torch.long, device=self.device),
+                torch.ones(b, 4, device=self.device), torch.ones(b, 4, device=self.device))
 
     # -------------------------------------------------------------------------
     # tokens in, ends checked

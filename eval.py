@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from checkpoint import CheckpointError, load_model
 from engine import Engine, SamplingParams, windows
 from flags import check_flags, non_negative, one_of, positive, usage_error
-from prepare import EOT, get_tokenizer, gpt2_encoding, read_jsonl, read_shard, vocab_size_of
+from prepare import EOT, get_tokenizer, gpt2_encoding, read_jsonl, read_shard, vocab_size_of, write_json
 
 try:  # lm-evaluation-harness is optional: only the adapter needs it
     import lm_eval.models  # noqa: F401  lm_eval's own models first: it only loads them into an empty registry
@@ -328,13 +328,6 @@ def device_info(device, dtype_name):
     cuda = torch.device(device).type == 'cuda'
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
     return {'device': device, 'dtype': dtype_name, 'name': name, 'torch': torch.__version__}
-
-
-def write_json(obj, path):
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def print_table(m):

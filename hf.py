@@ -26,7 +26,7 @@ import torch
 
 from lora import lora_modules, weight_name
 from model import TRAINING_FIELDS, ModelConfig, Transformer
-from prepare import HF_EOT, eot_of, gpt2_vocab_files, hf_tokenizer
+from prepare import HF_EOT, eot_of, gpt2_vocab_files, hf_tokenizer, write_json
 
 EPS = 1e-6  # every RMSNorm here
 YARN_KEYS = {'factor': 'rope_scaling_factor', 'original_max_position_embeddings': 'rope_original_max_position',
@@ -275,13 +275,6 @@ def parse_size(text):
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r}: expected bytes or a size such as 500MB or 5GB")
     return int(float(m.group(1)) * 1024 ** ' KMG'.index((m.group(2) or ' ')[0]))
-
-
-def write_json(obj, path):
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def plan_shards(tensors, max_bytes):

@@ -10,7 +10,7 @@ References:
 import functools
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -102,6 +102,12 @@ class ModelConfig:
             need(self.n_limited_groups * self.n_routed_experts // self.n_expert_groups
                  >= self.n_activated_experts, 'n_limited_groups', "allowed groups hold fewer than top-k experts")
 
+    @classmethod
+    def from_settings(cls, settings, **overrides):
+        """The model fields of a config file's settings (train.py's globals), overrides on top."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in settings.items() if k in names}, **overrides})
+
     @property
     def qk_head_dim(self):
         return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -113,6 +119,11 @@ class ModelConfig:
 
     def is_moe_layer(self, layer_id):
         return self.n_routed_experts > 0 and layer_id >= self.n_dense_layers
+
+
+def padded_vocab(n):
+    """A dataset's vocabulary rounded up to a multiple of 64, as nanoGPT's 50304: faster matmuls."""
+    return 64 * math.ceil(n / 64)
 
 
 def yarn_mscale(factor, mscale):

@@ -402,6 +402,9 @@ def write_text(path, text):
         f.write(text)
     os.replace(f'{path}.tmp', path)
 
+def write_json(obj, path):
+    write_text(path, json.dumps(obj, indent=2))
+
 def num_val(n_docs, val_fraction):
     return min(n_docs - 1, max(1, round(n_docs * val_fraction)))  # at least one doc each side
 

@@ -35,7 +35,7 @@ from flags import (at_most, below, boolean, check_flags, cross_rule, cuda_for_nc
                    divides_world_size, dtype_supported, less_than, needs_torchrun, non_empty, non_negative, one_of,
                    positive, rule)
 from lora import add_lora, lora_state_dict, num_trainable
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, padded_vocab
 from parallel import Sharding, load_sharded, read_sharded_meta, relink, save_sharded, sharded_checkpoint
 from prepare import DOC_START, mask_path, read_mask, read_shard, read_windows
 
@@ -169,7 +169,7 @@ def checkpoint_path(name):
 
 iter_num, best_val_loss = 0, float('inf')
 model_args = {f: globals()[f] for f in MODEL_FIELDS}
-model_args['vocab_size'] = vocab_size or 64 * math.ceil(meta['vocab_size'] / 64)
+model_args['vocab_size'] = vocab_size or padded_vocab(meta['vocab_size'])
 checkpoint, init_model, lora_run = None, None, None  # lora_run: what a LoRA checkpoint records
 
 

@@ -195,7 +195,7 @@ def test_prefill_graphs_prefill_what_eager_prefills(speculative):
     runs = []
     for graphs in (True, False):
         e = Engine(m, TOKENIZER, max_batch=3, speculative=speculative, cuda_graphs=graphs)
-        assert list(e.prefill_graphs or ()) == ([1, 2, 3] if graphs else [])
+        assert list(e.prefill_graphs) == ([1, 2, 3] if graphs else [])
         runs.append(e.generate(prompts, params))
     assert [r.tokens for r in runs[0]] == [r.tokens for r in runs[1]]
     torch.testing.assert_close(torch.tensor([r.logprobs for r in runs[0]]), torch.tensor([r.logprobs for r in runs[1]]),
