@@ -4,6 +4,7 @@ parameters, throughput, peak memory and expert load, printed as a table and writ
 $ python eval.py --out_dir=out-shakespeare-char --ckpt=best
 $ python eval.py --out_dir=out-shakespeare --stride=128 --mc=hellaswag_val.jsonl --out=shakespeare.json
 $ python eval.py --out_dir=out-shakespeare --lm_eval_tasks=hellaswag,arc_easy   # lm-evaluation-harness
+$ python eval.py --out_dir=out-bpe --dataset=none --mc=items.jsonl   # no data/ directory needed
 
 Scoring. The split (data/DATASET/SPLIT_*.bin, DATASET from the checkpoint's training config unless
 --dataset is given) is read as one token stream. Every token but the first (it has no context) is
@@ -13,7 +14,11 @@ after the first window sees at least block_size - S tokens of context (slower, l
 ce is the mean cross-entropy in nats over the scored tokens, ppl = exp(ce), and bits per byte
 bpb = (ce summed over the scored tokens) / (UTF-8 bytes of their text) / ln 2, which compares models
 with different tokenizers (GPT-2's <|endoftext|> marks a document boundary and counts 0 bytes).
-Log-probabilities are over the model's whole (possibly padded) output, as in train.py's loss.
+A byte-level BPE from a tokenizer.json (prepare.py --tokenizer=bpe) counts each token's bytes from its
+vocabulary entry; for any other tokenizer.json bpb is null. Log-probabilities are over the model's whole
+(possibly padded) output, as in train.py's loss. --dataset=none reads no data (the tokenizer is the
+checkpoint's): only --mc and --lm_eval_tasks run, and every figure from the split is null in metrics.json
+(dataset, split, scoring, ce, ppl, bpb, throughput, expert_load).
 
 Multiple choice (--mc=PATH, llm.c's HellaSwag style): a JSONL file, one item per line,
     {"ctx": "A man is sitting on a roof. he", "endings": ["starts pulling up roofing.", ...], "label": 0}
@@ -28,9 +33,9 @@ lm_eval's tasks (--lm_eval_include: a folder of your own task YAMLs), and from P
 metrics.json (written atomically):
     checkpoint     {"path", "iter"}: the file evaluated and its training iteration (null if unknown)
     model_config   the checkpoint's model_args (ModelConfig fields)
-    dataset, split, tokenizer   what was scored ("char" or "gpt2")
+    dataset, split, tokenizer   what was scored (tokenizer "char", "gpt2" or "hf")
     scoring        {"block_size", "stride", "windows", "split_tokens", "tokens_scored", "bytes_scored"}
-    ce, ppl, bpb   nats per token, exp(ce), bits per UTF-8 byte
+    ce, ppl, bpb   nats per token, exp(ce), bits per UTF-8 byte (bpb null where the bytes are unknown)
     params         {"total", "active"}: model.num_params(), active counts k of E routed experts
     throughput     {"prefill_tokens_per_s", "decode_tokens_per_s", "decode_batch", "decode_tokens"}:
                    prefill = forward passes over batch_size full windows; decode = greedy
@@ -59,8 +64,9 @@ import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_model
 from engine import Engine, SamplingParams, windows
-from flags import check_flags, non_negative, one_of, positive, usage_error
-from prepare import EOT, get_tokenizer, gpt2_encoding, read_jsonl, read_shard, vocab_size_of, write_json
+from flags import check_flags, cross_rule, non_negative, one_of, positive, usage_error
+from prepare import (EOT, eot_of, get_tokenizer, gpt2_encoding, hf_tokenizer, read_jsonl, read_shard,
+                     vocab_size_of, write_json)
 
 try:  # lm-evaluation-harness is optional: only the adapter needs it
     import lm_eval.models  # noqa: F401  lm_eval's own models first: it only loads them into an empty registry
@@ -72,7 +78,7 @@ except ImportError:
 # -----------------------------------------------------------------------------
 out_dir = 'out'
 ckpt = 'latest'          # 'latest' (ckpt.pt) or 'best' (best.pt)
-dataset = ''             # '' = the dataset the checkpoint was trained on
+dataset = ''             # '' = the dataset the checkpoint was trained on; 'none' = only --mc/--lm_eval_tasks
 split = 'val'
 stride = 0               # 0 = non-overlapping block_size windows; S = sliding windows scoring S tokens each
 batch_size = 8
@@ -112,7 +118,8 @@ def load_dataset(data_dir, tokenizer, split_name):
     """The split's tokens, after checking that the dataset was tokenized like the checkpoint."""
     meta_path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(meta_path):
-        raise ValueError(f"no dataset at {data_dir}: run `python prepare.py {os.path.basename(data_dir)}` first")
+        raise ValueError(f"no dataset at {data_dir}: run `python prepare.py {os.path.basename(data_dir)}` first, "
+                         f"or pass --dataset=none to run only --mc/--lm_eval_tasks")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
@@ -135,11 +142,30 @@ def describe(tokenizer):
 
 
 def token_bytes(tokenizer):
-    """UTF-8 bytes of each token id's text: a token count weighted by it is the text's length in bytes."""
+    """UTF-8 bytes of each token id's text: a token count weighted by it is the text's length in bytes.
+    None where they are unknown (a tokenizer.json that is not byte-level)."""
     if tokenizer['kind'] == 'char':
         return np.array([len(c.encode('utf-8')) for c in tokenizer['chars']])
+    if tokenizer['kind'] == 'hf':
+        return hf_token_bytes(tokenizer)
     enc = gpt2_encoding()  # byte-level BPE: a token may hold part of a character, so count its bytes
     return np.array([0 if i == EOT else len(enc.decode_single_token_bytes(i)) for i in range(vocab_size_of(tokenizer))])
+
+
+def hf_token_bytes(tokenizer):
+    """A byte-level BPE writes each byte as one character of its vocabulary entries, so an entry's
+    length is its byte count; added tokens are stored as plain text, and special ones mark no text."""
+    from tokenizers import decoders
+    tok = hf_tokenizer(tokenizer['json'])
+    if not isinstance(tok.decoder, decoders.ByteLevel):
+        return None
+    added = tok.get_added_tokens_decoder()
+
+    def n_bytes(i):
+        if i in added:
+            return 0 if added[i].special else len(added[i].content.encode('utf-8'))
+        return len(tok.id_to_token(i) or '')
+    return np.array([n_bytes(i) for i in range(vocab_size_of(tokenizer))])
 
 
 def mc_item(row):
@@ -330,22 +356,34 @@ def device_info(device, dtype_name):
     return {'device': device, 'dtype': dtype_name, 'name': name, 'torch': torch.__version__}
 
 
-def print_table(m):
+def split_rows(m):
     sc = m['scoring']
-    rows = [('checkpoint', f"{m['checkpoint']['path']} (iter {m['checkpoint']['iter']})"),
-            ('data', f"{m['dataset']} {m['split']}: {sc['tokens_scored']:,} tokens scored in {sc['windows']:,} "
+    if sc is None:
+        return [('data', 'none (--dataset=none): no cross-entropy, throughput or expert load')]
+    bpb = f"{m['bpb']:.4f}" if m['bpb'] is not None else \
+        'n/a: no text bytes' if sc['bytes_scored'] == 0 else "n/a: the tokenizer's bytes are unknown"
+    return [('data', f"{m['dataset']} {m['split']}: {sc['tokens_scored']:,} tokens scored in {sc['windows']:,} "
                      f"windows, " + (f"stride {sc['stride']}" if sc['stride'] else 'side by side')),
             ('cross-entropy', f"{m['ce']:.4f} nats/token"), ('perplexity', f"{m['ppl']:.4f}"),
-            ('bits per byte', 'n/a: no text bytes' if m['bpb'] is None else f"{m['bpb']:.4f}"),
-            ('params', f"{m['params']['total']:,} total, {m['params']['active']:,} active")]
-    thr = m['throughput']
-    if thr['prefill_tokens_per_s'] is not None:
+            ('bits per byte', bpb)]
+
+
+def throughput_rows(thr):
+    rows = []
+    if thr and thr['prefill_tokens_per_s'] is not None:
         rows.append(('prefill', f"{thr['prefill_tokens_per_s']:,.0f} tokens/s"))
-    if thr['decode_tokens_per_s'] is not None:
+    if thr and thr['decode_tokens_per_s'] is not None:
         rows.append(('decode', f"{thr['decode_tokens_per_s']:,.0f} tokens/s "
                                f"({thr['decode_batch']} x {thr['decode_tokens']} tokens)"))
-    rows.append(('peak memory', f"{m['memory']['peak_mib']:,.0f} MiB ({m['memory']['kind']})"))
-    for r in m['expert_load']:
+    return rows
+
+
+def print_table(m):
+    rows = [('checkpoint', f"{m['checkpoint']['path']} (iter {m['checkpoint']['iter']})"), *split_rows(m),
+            ('params', f"{m['params']['total']:,} total, {m['params']['active']:,} active"),
+            *throughput_rows(m['throughput']),
+            ('peak memory', f"{m['memory']['peak_mib']:,.0f} MiB ({m['memory']['kind']})")]
+    for r in m['expert_load'] or []:
         rows.append((f"experts, layer {r['layer']}", f"max/mean {r['max_over_mean']:.2f}, entropy "
                      f"{r['entropy_bits']:.2f} of {r['max_entropy_bits']:.2f} bits, unused {r['unused'] or 'none'}"))
     if m['mc']:
@@ -373,7 +411,8 @@ if LM is not None:
             self.model, checkpoint = loaded or load_model(out_dir, ckpt, device, DTYPES[dtype])
             self.tokenizer = checkpoint['tokenizer']
             self.encode, self.decode = get_tokenizer(self.tokenizer)
-            self.prefix = [EOT] if self.tokenizer['kind'] == 'gpt2' else []  # the context of an empty context
+            eot = eot_of(self.tokenizer)  # what training put in front of every document
+            self.prefix = [] if eot is None else [eot]  # the context of an empty context
             self._device = device
             self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # 'auto' -> 8
 
@@ -437,60 +476,75 @@ def run_lm_eval(model, checkpoint, tasks, limit, batch, device, dtype_name):
 
 # -----------------------------------------------------------------------------
 
+NO_SPLIT = dict.fromkeys(('scoring', 'ce', 'ppl', 'bpb', 'throughput', 'expert_load'))  # --dataset=none
+
+
+def read_eval_split(checkpoint):
+    """(dataset name, the split's tokens), or (None, None) with --dataset=none."""
+    if dataset == 'none':
+        return None, None
+    name = dataset or checkpoint.get('config', {}).get('dataset')
+    if not name:
+        fail("the checkpoint does not name its dataset: pass --dataset (--dataset=none: only --mc/--lm_eval_tasks)")
+    return name, load_dataset(os.path.join('data', name), checkpoint['tokenizer'], split)
+
+
+def split_metrics(model, tokenizer, name, tokens):
+    """metrics.json's figures from the split: scoring, ce, ppl, bpb, throughput, expert_load."""
+    print(f"scoring {len(tokens) - 1:,} of the {len(tokens):,} tokens of {name} {split} "
+          f"(the first has no context and is not scored)")
+    logprob, scored, n_windows, load = score_tokens(model, tokens, stride, batch_size, device)
+    per_token = token_bytes(tokenizer)
+    n_bytes = None if per_token is None else int(np.bincount(tokens[1:], minlength=len(per_token)) @ per_token)
+    ce = -logprob / scored
+    throughput = {'prefill_tokens_per_s': None, 'decode_tokens_per_s': None, 'decode_batch': batch_size,
+                  'decode_tokens': decode_tokens}
+    if bench_iters:
+        throughput['prefill_tokens_per_s'] = prefill_throughput(model, tokens, batch_size, bench_iters, device)
+    if decode_tokens:
+        throughput['decode_tokens_per_s'] = decode_throughput(model, tokenizer, tokens, batch_size,
+                                                              decode_tokens, device)
+    return {'scoring': {'block_size': model.cfg.block_size, 'stride': stride, 'windows': n_windows,
+                        'split_tokens': len(tokens), 'tokens_scored': scored, 'bytes_scored': n_bytes},
+            'ce': ce, 'ppl': math.exp(ce), 'bpb': -logprob / n_bytes / math.log(2) if n_bytes else None,
+            'throughput': throughput, 'expert_load': expert_load(model, load)}
+
+
 def main():
     t_start = time.time()
     check_flags('eval.py', globals(), {
         'ckpt': one_of('latest', 'best'), 'split': one_of('train', 'val'), 'stride': non_negative,
         'batch_size': positive, 'bench_iters': non_negative, 'decode_tokens': non_negative,
         'lm_eval_limit': non_negative, 'dtype': one_of(*DTYPES),
+        'dataset': cross_rule(lambda v, flags: v != 'none' or bool(flags['mc'] or flags['lm_eval_tasks']),
+                              "nothing to evaluate without data: pass --mc=FILE and/or --lm_eval_tasks=TASKS"),
     })
     if torch.device(device).type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     try:
         model, checkpoint = load_model(out_dir, ckpt, device, DTYPES[dtype])
-        encode, _ = get_tokenizer(checkpoint['tokenizer'])
-        name = dataset or checkpoint.get('config', {}).get('dataset')
-        if not name:
-            fail("the checkpoint does not name its dataset: pass --dataset")
+        encode, _ = get_tokenizer(checkpoint['tokenizer'])  # the checkpoint's own: no data/ needed
         if stride > model.cfg.block_size:
             usage_error('eval.py', f"--stride={stride}: must be <= the model's block_size {model.cfg.block_size}")
-        tokens = load_dataset(os.path.join('data', name), checkpoint['tokenizer'], split)
+        name, tokens = read_eval_split(checkpoint)
         items = read_mc(mc) if mc else None
         tasks = lm_eval_tasks_of(lm_eval_tasks, lm_eval_include) if lm_eval_tasks else None
     except (CheckpointError, ValueError, OSError) as e:
         fail(e)
-    print(f"scoring {len(tokens) - 1:,} of the {len(tokens):,} tokens of {name} {split} "
-          f"(the first has no context and is not scored)")
-
-    logprob, scored, n_windows, load = score_tokens(model, tokens, stride, batch_size, device)
-    per_token = token_bytes(checkpoint['tokenizer'])
-    n_bytes = int(np.bincount(tokens[1:], minlength=len(per_token)) @ per_token)
-    ce = -logprob / scored
+    from_split = NO_SPLIT if tokens is None else split_metrics(model, checkpoint['tokenizer'], name, tokens)
     try:
         mc_result = multiple_choice(model, encode, items, batch_size, device) if items else None
         lm_eval_result = run_lm_eval(model, checkpoint, tasks, lm_eval_limit, batch_size, device, dtype) if tasks else None
     except ValueError as e:
         fail(e)
 
-    throughput = {'prefill_tokens_per_s': None, 'decode_tokens_per_s': None, 'decode_batch': batch_size,
-                  'decode_tokens': decode_tokens}
-    if bench_iters:
-        throughput['prefill_tokens_per_s'] = prefill_throughput(model, tokens, batch_size, bench_iters, device)
-    if decode_tokens:
-        throughput['decode_tokens_per_s'] = decode_throughput(model, checkpoint['tokenizer'], tokens, batch_size,
-                                                              decode_tokens, device)
-
     metrics = {
         'checkpoint': {'path': checkpoint['path'], 'iter': checkpoint.get('iter_num')},
         'model_config': checkpoint['model_args'],
-        'dataset': name, 'split': split, 'tokenizer': checkpoint['tokenizer']['kind'],
-        'scoring': {'block_size': model.cfg.block_size, 'stride': stride, 'windows': n_windows,
-                    'split_tokens': len(tokens), 'tokens_scored': scored, 'bytes_scored': n_bytes},
-        'ce': ce, 'ppl': math.exp(ce), 'bpb': -logprob / n_bytes / math.log(2) if n_bytes else None,
+        'dataset': name, 'split': split if name else None, 'tokenizer': checkpoint['tokenizer']['kind'],
+        **from_split,
         'params': {'total': model.num_params(), 'active': model.num_params(active=True)},
-        'throughput': throughput,
         'memory': peak_memory(device),
-        'expert_load': expert_load(model, load),
         'mc': mc_result and {'path': mc, **{k: v for k, v in mc_result.items() if k != 'predictions'}},
         'lm_eval': lm_eval_result,
         'device': device_info(device, dtype),

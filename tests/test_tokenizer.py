@@ -1,4 +1,6 @@
-"""prepare.py's Hugging Face tokenizers: a byte-level BPE trained on the corpus, or a tokenizer.json."""
+"""prepare.py's Hugging Face tokenizers (a byte-level BPE trained on the corpus, or a tokenizer.json), and
+sample.py and eval.py from a checkpoint that carries one, with no data/ directory."""
+import importlib
 import json
 import math
 import os
@@ -22,9 +24,9 @@ NON_ASCII = "Ünïcödé — naïve café, 日本語のテキスト, emoji 🙂�
 VOCAB = 600
 
 
-def cli(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / 'prepare.py'), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+def script(name, *args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / name), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'})
 
 
 def tokens(d, split):
@@ -85,26 +87,70 @@ def test_oversized_or_bad_tokenizers_are_refused(tmp_path):
              'no such file': (f'--tokenizer={tmp_path / "missing.json"}',),
              'must be gpt2, char, bpe': ('--tokenizer=sentencepiece',)}
     for expected, flags in cases.items():
-        p = cli('x', '--input', str(tmp_path / 'doc.txt'), *flags, cwd=tmp_path)
+        p = script('prepare.py', 'x', '--input', str(tmp_path / 'doc.txt'), *flags, cwd=tmp_path)
         assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr
         assert expected in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not (tmp_path / 'data').exists()
 
 
-def test_sample_from_checkpoint_without_data_dir(trained, tmp_path):
-    """The checkpoint carries the tokenizer: sample.py needs no data/ directory."""
-    _, _, meta, _ = trained
+def bpe_checkpoint(meta, out_dir):
+    """A tiny random MLA+MoE model with the trained BPE's tokenizer, saved as out_dir/ckpt.pt."""
     cfg = ModelConfig(vocab_size=64 * math.ceil(VOCAB / 64), block_size=32, n_layer=2, n_embd=32, n_head=2,
                       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                       dense_inter_dim=64, moe_inter_dim=16, n_routed_experts=4)
     torch.manual_seed(0)
     ckpt = {'model': Transformer(cfg).state_dict(), 'model_args': asdict(cfg), 'tokenizer': meta['tokenizer']}
-    (tmp_path / 'out').mkdir()
-    save_checkpoint(ckpt, tmp_path / 'out' / 'ckpt.pt')
-    p = subprocess.run([sys.executable, str(ROOT / 'sample.py'), '--out_dir=out', '--start=Ünïcödé ROMEO',
-                        '--max_new_tokens=20', '--num_samples=1', '--device=cpu', '--dtype=float32'],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    out_dir.mkdir()
+    save_checkpoint(ckpt, out_dir / 'ckpt.pt')
+
+
+def test_sample_from_checkpoint_without_data_dir(trained, tmp_path):
+    """The checkpoint carries the tokenizer: sample.py needs no data/ directory."""
+    bpe_checkpoint(trained[2], tmp_path / 'out')
+    p = script('sample.py', '--out_dir=out', '--start=Ünïcödé ROMEO', '--max_new_tokens=20', '--num_samples=1',
+               '--device=cpu', '--dtype=float32', cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert not (tmp_path / 'data').exists()
     assert '\nÜnïcödé ROMEO' in p.stdout and '20 tokens in' in p.stdout
+
+
+def test_eval_from_checkpoint_without_data_dir(trained, tmp_path):
+    """--dataset=none: multiple choice from the checkpoint's tokenizer alone; the split's figures are null."""
+    bpe_checkpoint(trained[2], tmp_path / 'out')
+    items = [{'ctx': 'ROMEO: Ünïcödé café', 'endings': ['naïve — 日本語', 'But soft!', 'emoji 🙂🚀'], 'label': 0},
+             {'ctx': 'Ελληνικά and', 'endings': ['tabs', 'spaces ∮', 'Ünïcödé'], 'label': 2}]
+    (tmp_path / 'mc.jsonl').write_text(''.join(json.dumps(it, ensure_ascii=False) + '\n' for it in items),
+                                       encoding='utf-8')
+    p = script('eval.py', '--out_dir=out', '--dataset=none', '--mc=mc.jsonl', '--out=m.json', '--device=cpu',
+               '--dtype=float32', cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert not (tmp_path / 'data').exists()
+    m = json.loads((tmp_path / 'm.json').read_text())
+    assert m['mc']['items'] == 2 and 0 <= m['mc']['acc'] <= 1 and 0 <= m['mc']['acc_norm'] <= 1
+    assert m['tokenizer'] == 'hf' and m['dataset'] is None
+    assert m['ce'] is m['ppl'] is m['bpb'] is m['scoring'] is m['throughput'] is m['expert_load'] is None
+    assert 'multiple choice' in p.stdout and '--dataset=none' in p.stdout
+
+
+def test_eval_without_data_is_a_one_line_error(trained, tmp_path):
+    """--dataset=none with nothing to evaluate, and a missing dataset that points at --dataset=none."""
+    bpe_checkpoint(trained[2], tmp_path / 'out')
+    cases = {'--dataset=none': 'nothing to evaluate without data: pass --mc=FILE and/or --lm_eval_tasks',
+             '--dataset=other': 'or pass --dataset=none to run only --mc/--lm_eval_tasks'}
+    for flag, expected in cases.items():
+        p = script('eval.py', '--out_dir=out', flag, '--device=cpu', '--dtype=float32', cwd=tmp_path)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode != 0 and 'Traceback' not in p.stderr and len(lines) == 1, p.stderr
+        assert lines[0].startswith('eval.py: error:') and expected in lines[0], p.stderr
+
+
+def test_bits_per_byte_counts_the_bpe_tokens_bytes(trained):
+    """eval.py's bytes per token of a byte-level BPE: a text's tokens add up to its UTF-8 length."""
+    ev = importlib.import_module('eval')
+    _, out, meta, text = trained
+    encode, _ = prepare.get_tokenizer(meta['tokenizer'])
+    per_token = ev.token_bytes(meta['tokenizer'])
+    assert per_token[prepare.eot_of(meta['tokenizer'])] == 0
+    for s in (NON_ASCII, "ROMEO:\nBut soft! ∮ ⠁⠃⠉ \U0001F9EC"):
+        assert per_token[encode(s)].sum() == len(s.encode('utf-8'))
+    assert per_token[tokens(out, 'train') + tokens(out, 'val')].sum() == len(text.encode('utf-8'))
