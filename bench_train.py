@@ -57,7 +57,7 @@ def training_step(mode):
     optimizer = model.configure_optimizers(run.get('weight_decay', 0.1), lr, (0.9, run.get('beta2', 0.95)), 'cuda',
                                            muon_lr=lr if args.optimizer == 'muon' else 0.0)
     forward = model if mode == 'none' else torch.compile(model, mode=mode)
-    x, y = torch.randint(0, vocab_size, (2, B, T), device='cuda')
+    x, y = torch.randint(0, dataset_vocab, (2, B, T), device='cuda')
 
     def step():
         with torch.autocast('cuda', torch.bfloat16):

@@ -372,6 +372,20 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def top_k(x, k):
+    """x.topk(k, -1) -> (values, indices). Under torch.compile as k argmax passes, which inductor fuses
+    with the rest of the router into one kernel; torch.topk is a library call plus a sort there, and on
+    a GPU it cost more than the rest of the router together (issue 18's profile)."""
+    if not torch.compiler.is_compiling():
+        return x.topk(k, -1)
+    ids, picks, rest = torch.arange(x.size(-1), device=x.device), [], x
+    for _ in range(k):
+        picks.append(rest.argmax(-1, keepdim=True))
+        rest = rest.masked_fill(ids == picks[-1], float('-inf'))
+    indices = torch.cat(picks, -1)
+    return x.gather(-1, indices), indices
+
+
 class Gate(nn.Module):
     """Router. The bias (a buffer, not trained by gradients) shifts which experts are chosen, never
     the weights they get: V3's auxiliary-loss-free balancing."""
@@ -389,11 +403,11 @@ class Gate(nn.Module):
         if c.n_expert_groups > 1:
             grouped = biased.view(x.size(0), c.n_expert_groups, -1)
             # a group's score: its best expert (V2), or its best two with the bias (V3)
-            group_scores = grouped.amax(-1) if c.score_func == 'softmax' else grouped.topk(2, -1)[0].sum(-1)
+            group_scores = grouped.amax(-1) if c.score_func == 'softmax' else top_k(grouped, 2)[0].sum(-1)
             keep = torch.zeros_like(group_scores, dtype=torch.bool)
-            keep.scatter_(1, group_scores.topk(c.n_limited_groups, -1)[1], True)
+            keep.scatter_(1, top_k(group_scores, c.n_limited_groups)[1], True)
             biased = grouped.masked_fill(~keep.unsqueeze(-1), float('-inf')).flatten(1)
-        indices = biased.topk(c.n_activated_experts, -1)[1]
+        indices = top_k(biased, c.n_activated_experts)[1]
         weights = scores.gather(1, indices)
         if c.score_func == 'sigmoid':
             weights = weights / weights.sum(-1, keepdim=True)
@@ -567,8 +581,9 @@ class Transformer(nn.Module):
         h, aux, loads = self.trunk(idx, pos, attn_mask=attn_mask)
         if targets is None:
             return self.head(self.norm(h[:, [-1]])).float(), None, None
-        logits = self.head(self.norm(h)).float()
-        stats = {'ce': F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)}
+        logits = self.head(self.norm(h))  # in the autocast dtype: a float copy of every logit, returned
+        # from a compiled graph, would be written out in full (3.3 GB a step for GPT-2's vocabulary)
+        stats = {'ce': F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)}
         zero = stats['ce'].new_zeros(())
         stats['balance'] = sum((a[0] for a in aux), zero)
         stats['z'] = sum((a[1] for a in aux), zero)
@@ -590,8 +605,8 @@ class Transformer(nn.Module):
         T = idx.size(1) - 1
         attn_mask = self.attention_mask(None if doc_ids is None else doc_ids[:, :-1])
         h = self.mtp(h[:, :-1], self.embed(idx[:, 1:]), *self.rope_at(None, T), attn_mask=attn_mask)
-        logits = self.head(h).float()
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, 1:].reshape(-1), ignore_index=-1)
+        logits = self.head(h)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets[:, 1:].reshape(-1), ignore_index=-1)
 
     # -------------------------------------------------------------------------
     # balancing, counting, optimizing

@@ -147,6 +147,23 @@ def test_group_limited_routing_stays_in_allowed_groups():
         assert set(row) <= set(allowed)
 
 
+@pytest.mark.parametrize('score_func,groups', [('softmax', (1, 1)), ('sigmoid', (4, 2)), ('softmax', (4, 1))])
+def test_compiled_gate_routes_as_eager(score_func, groups):
+    """Under torch.compile the router's top-k is k argmax passes (model.top_k): the same experts, the
+    same order and weights as torch.topk's."""
+    cfg = ModelConfig(**{**SMALL, 'n_routed_experts': 16, 'n_expert_groups': groups[0], 'n_limited_groups': groups[1],
+                         'n_activated_experts': 4, 'score_func': score_func})
+    torch.manual_seed(0)
+    gate = MoE(cfg).gate
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    gate.bias.normal_(std=0.05)
+    torch._dynamo.reset()
+    for n in (1, 37, 200):
+        x = torch.randn(n, cfg.n_embd)
+        (w0, i0, _, _), (w1, i1, _, _) = gate(x), torch.compile(gate)(x)
+        assert torch.equal(i0, i1) and torch.allclose(w0, w1)
+
+
 def test_idle_experts_get_zero_gradient():
     m = make()
     moe = m.layers[1].ffn
