@@ -49,16 +49,22 @@ def events_ms(fn, reps=7, n=20):
     return statistics.median(times)
 
 
-def kernel_ms(fn, n=10):
-    """Summed GPU time of everything fn launches, and how many kernels, per call."""
+def kernels(fn, n=10):
+    """The profiler's per-kernel totals over n calls of fn, costliest first."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-    return sum(e.self_device_time_total for e in kernels) / 1e3 / n, sum(e.count for e in kernels) // n
+    return sorted((e for e in prof.key_averages() if e.device_type == DeviceType.CUDA),
+                  key=lambda e: -e.self_device_time_total)
+
+
+def kernel_ms(fn, n=10):
+    """Summed GPU time of everything fn launches, and how many kernels, per call."""
+    launched = kernels(fn, n)
+    return sum(e.self_device_time_total for e in launched) / 1e3 / n, sum(e.count for e in launched) // n
 
 
 def step_inputs(engine, B, T):

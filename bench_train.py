@@ -10,7 +10,7 @@ same for nanoGPT's own `train.py config/train_shakespeare_char.py` in that check
 prepared there), run before ours in the same call.
 $ python prepare.py shakespeare_char   # the train.py runs read data/<dataset> from the working directory
 $ python bench_train.py [config/train_shakespeare_char.py] [--optimizer muon] [--loop_iters 300]
-                        [--to_loss 1.4645 [--nanogpt PATH]] [--out PATH]
+                        [--to_loss 1.4645 [--nanogpt PATH]] [--batch_size N] [--profile N] [--out PATH]
 """
 import argparse
 import json
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from bench_decode import events_ms, kernel_ms, markdown_table
+from bench_decode import events_ms, kernel_ms, kernels, markdown_table
 from model import ModelConfig, Transformer, padded_vocab
 from prepare import write_text
 
@@ -35,6 +35,8 @@ parser.add_argument('--optimizer', default='adamw', choices=('adamw', 'muon'))
 parser.add_argument('--loop_iters', type=int, default=300, help='steps of the train.py run; 0 skips it')
 parser.add_argument('--to_loss', type=float, default=0.0, help='also time a full run to this val loss')
 parser.add_argument('--nanogpt', default=None, help="a nanoGPT checkout to time to --to_loss too")
+parser.add_argument('--batch_size', type=int, default=0, help="the step's batch (default: the config's)")
+parser.add_argument('--profile', type=int, default=0, help="also print each mode's N costliest kernels")
 parser.add_argument('--out', default=None, help='also write the markdown table to this file')
 args = parser.parse_args()
 assert torch.cuda.is_available(), 'needs a CUDA GPU'
@@ -45,7 +47,7 @@ exec(open(args.config).read(), {}, run)
 meta_path = os.path.join('data', run.get('dataset', 'shakespeare'), 'meta.json')
 dataset_vocab = json.load(open(meta_path))['vocab_size'] if os.path.exists(meta_path) else 65
 cfg = ModelConfig.from_settings(run, vocab_size=run.get('vocab_size') or padded_vocab(dataset_vocab))
-B, T = run.get('batch_size', 32), cfg.block_size
+B, T = args.batch_size or run.get('batch_size', 32), cfg.block_size
 lr = run.get('learning_rate', 1e-3)
 
 
@@ -73,7 +75,7 @@ def training_step(mode):
 
 def our_train_py(out_dir, *flags):
     return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'), args.config,
-            f'--out_dir={out_dir}', f'--optimizer={args.optimizer}', *flags]
+            f'--out_dir={out_dir}', f'--optimizer={args.optimizer}', f'--batch_size={B}', *flags]
 
 
 def loop_speed():
@@ -111,6 +113,8 @@ for mode in filter(None, args.modes.split(',')):  # --modes='' times only the ru
         step()
     torch.cuda.synchronize()
     step_ms, (gpu_ms, _) = events_ms(step), kernel_ms(step)
+    for e in kernels(step, n=5)[:args.profile]:  # the MoE and MLA paths' costs, by kernel
+        print(f"  {e.self_device_time_total / 5:9.1f} us {e.count // 5:4d}x  {e.key[:110]}")
     mfu = model.estimate_mfu(B * T / step_ms * 1e3, 'cuda')
     rows.append((f'step, {mode}', f"{step_ms:.2f}", f"{gpu_ms:.2f}", f"{gpu_ms / step_ms:.0%}",
                  f"{B * T / step_ms * 1e3:,.0f}", '' if mfu is None else f"{mfu:.1%}"))
