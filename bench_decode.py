@@ -50,21 +50,22 @@ def events_ms(fn, reps=7, n=20):
 
 
 def kernels(fn, n=10):
-    """The profiler's per-kernel totals over n calls of fn, costliest first."""
+    """Each kernel fn launches, per call: (name, microseconds, launches), costliest first (profiler,
+    over n calls)."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             fn()
         torch.cuda.synchronize()
-    return sorted((e for e in prof.key_averages() if e.device_type == DeviceType.CUDA),
-                  key=lambda e: -e.self_device_time_total)
+    launched = [(e.key, e.self_device_time_total / n, e.count // n)
+                for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    return sorted(launched, key=lambda k: -k[1])
 
 
-def kernel_ms(fn, n=10):
-    """Summed GPU time of everything fn launches, and how many kernels, per call."""
-    launched = kernels(fn, n)
-    return sum(e.self_device_time_total for e in launched) / 1e3 / n, sum(e.count for e in launched) // n
+def kernel_ms(launched):
+    """kernels()' summed GPU time in ms, and how many kernels."""
+    return sum(us for _, us, _ in launched) / 1e3, sum(count for _, _, count in launched)
 
 
 def step_inputs(engine, B, T):
@@ -95,23 +96,22 @@ def measure(name, model, B, T, speculative=False, compile=False, tokenizer=TOKEN
     else:
         replay = engine.graphs[B][0].replay
     with torch.no_grad():
-        graph_ms, eager_ms, (gpu_ms, n_kernels) = events_ms(replay), events_ms(eager), kernel_ms(replay if own else eager)
+        graph_ms, eager_ms, (gpu_ms, n_kernels) = events_ms(replay), events_ms(eager), kernel_ms(kernels(replay if own else eager))
     kind = {False: '', True: ' + compile', 'reduce-overhead': ', compile reduce-overhead'}[compile]
     return dict(model=name, step=('speculative' if speculative else 'plain') + kind,
                 batch=B, cache=T, graph_ms=graph_ms, eager_ms=eager_ms, gpu_ms=gpu_ms, kernels=n_kernels)
 
 
-COLUMNS = [('model', '{}'), ('step', '{}'), ('batch', '{}'), ('cache', '{}'), ('step ms (graph)', '{graph_ms:.3f}'),
-           ('step ms (eager)', '{eager_ms:.3f}'), ('GPU kernel ms', '{gpu_ms:.3f}'), ('kernels', '{kernels}'),
-           ('graph / kernels', '{ratio:.2f}'), ('tokens/s', '{tokens}')]
+HEADER = ('model', 'step', 'batch', 'cache', 'step ms (graph)', 'step ms (eager)', 'GPU kernel ms', 'kernels',
+          'graph / kernels', 'tokens/s')
 
 
 def show(row):
     tokens = f"{row['batch'] * 1e3 / row['graph_ms']:,.0f}"  # a speculative step yields 1 + acceptance each
     tokens += ' x (1 + acceptance)' if row['step'].startswith('speculative') else ''
-    row = {**row, 'ratio': row['graph_ms'] / row['gpu_ms'], 'tokens': tokens}
-    return [fmt.format(row[name], **row) if fmt == '{}' else fmt.format(**row)
-            for (name, fmt) in COLUMNS]
+    return [row['model'], row['step'], str(row['batch']), str(row['cache']), f"{row['graph_ms']:.3f}",
+            f"{row['eager_ms']:.3f}", f"{row['gpu_ms']:.3f}", str(row['kernels']),
+            f"{row['graph_ms'] / row['gpu_ms']:.2f}", tokens]
 
 
 def breakdown(out_dir=None):
@@ -231,7 +231,7 @@ def main():
         print(' | '.join(rows[-1]), flush=True)
         torch.cuda.empty_cache()
 
-    lines = markdown_table([name for name, _ in COLUMNS], rows)
+    lines = markdown_table(HEADER, rows)
     table = '\n'.join([f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, random weights; medians", '', *lines])
     print('\n' + table)
     if args.out:

@@ -112,9 +112,10 @@ for mode in filter(None, args.modes.split(',')):  # --modes='' times only the ru
     for _ in range(5):  # compile, then CUDA graphs' warm-up and recording
         step()
     torch.cuda.synchronize()
-    step_ms, (gpu_ms, _) = events_ms(step), kernel_ms(step)
-    for e in kernels(step, n=5)[:args.profile]:  # the MoE and MLA paths' costs, by kernel
-        print(f"  {e.self_device_time_total / 5:9.1f} us {e.count // 5:4d}x  {e.key[:110]}")
+    step_ms, launched = events_ms(step), kernels(step)
+    gpu_ms, _ = kernel_ms(launched)
+    for name, us, count in launched[:args.profile]:  # the MoE and MLA paths' costs, by kernel
+        print(f"  {us:9.1f} us {count:4d}x  {name[:110]}")
     mfu = model.estimate_mfu(B * T / step_ms * 1e3, 'cuda')
     rows.append((f'step, {mode}', f"{step_ms:.2f}", f"{gpu_ms:.2f}", f"{gpu_ms / step_ms:.0%}",
                  f"{B * T / step_ms * 1e3:,.0f}", '' if mfu is None else f"{mfu:.1%}"))

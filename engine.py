@@ -455,11 +455,10 @@ class Engine:
         ring or a masked attention stays eager."""
         pool, dev = torch.cuda.graph_pool_handle(), self.device
         graphs = {b: capture(self.step_fn, pool, *self.step_inputs(b)) for b in reversed(self.buckets)}
-        prefill_graphs = {}
-        if not self.cfg.attn_window:
-            for b in reversed([b for b in self.buckets if b * self.refill_length <= PREFILL_GRAPH_TOKENS]):
-                prefill_graphs[b] = capture(self.prefill_step, pool, torch.zeros(b, self.refill_length, dtype=torch.long, device=dev),
-                                            torch.arange(b, device=dev), torch.zeros(b, dtype=torch.long, device=dev))
+        small = [] if self.cfg.attn_window else [b for b in self.buckets if b * self.refill_length <= PREFILL_GRAPH_TOKENS]
+        prefill_graphs = {b: capture(self.prefill_step, pool, torch.zeros(b, self.refill_length, dtype=torch.long, device=dev),
+                                     torch.arange(b, device=dev), torch.zeros(b, dtype=torch.long, device=dev))
+                          for b in reversed(small)}
         return dict(sorted(graphs.items())), dict(sorted(prefill_graphs.items()))
 
     def step_inputs(self, b):

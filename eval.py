@@ -370,9 +370,11 @@ def split_rows(m):
 
 def throughput_rows(thr):
     rows = []
-    if thr and thr['prefill_tokens_per_s'] is not None:
+    if thr is None:  # --dataset=none
+        return rows
+    if thr['prefill_tokens_per_s'] is not None:
         rows.append(('prefill', f"{thr['prefill_tokens_per_s']:,.0f} tokens/s"))
-    if thr and thr['decode_tokens_per_s'] is not None:
+    if thr['decode_tokens_per_s'] is not None:
         rows.append(('decode', f"{thr['decode_tokens_per_s']:,.0f} tokens/s "
                                f"({thr['decode_batch']} x {thr['decode_tokens']} tokens)"))
     return rows

@@ -581,9 +581,8 @@ class Transformer(nn.Module):
         h, aux, loads = self.trunk(idx, pos, attn_mask=attn_mask)
         if targets is None:
             return self.head(self.norm(h[:, [-1]])).float(), None, None
-        logits = self.head(self.norm(h))  # in the autocast dtype: a float copy of every logit, returned
-        # from a compiled graph, would be written out in full (3.3 GB a step for GPT-2's vocabulary)
-        stats = {'ce': F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)}
+        logits = self.head(self.norm(h))
+        stats = {'ce': token_loss(logits, targets)}
         zero = stats['ce'].new_zeros(())
         stats['balance'] = sum((a[0] for a in aux), zero)
         stats['z'] = sum((a[1] for a in aux), zero)
@@ -605,8 +604,7 @@ class Transformer(nn.Module):
         T = idx.size(1) - 1
         attn_mask = self.attention_mask(None if doc_ids is None else doc_ids[:, :-1])
         h = self.mtp(h[:, :-1], self.embed(idx[:, 1:]), *self.rope_at(None, T), attn_mask=attn_mask)
-        logits = self.head(h)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets[:, 1:].reshape(-1), ignore_index=-1)
+        return token_loss(self.head(h), targets[:, 1:])
 
     # -------------------------------------------------------------------------
     # balancing, counting, optimizing
@@ -685,6 +683,13 @@ class Transformer(nn.Module):
 
     def cache_values_per_token(self):
         return sum(t[0, 0].numel() for layer in self.layers if layer.attn.cache for t in layer.attn.cache)
+
+
+def token_loss(logits, targets):
+    """Mean cross-entropy over the targets (-1: not scored). The logits stay in their own (autocast)
+    dtype until the loss: a float copy, returned from a compiled graph, would be written out in full
+    (3.3 GB a step for GPT-2's vocabulary at train_scale's batch)."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
 
 def doc_attention_mask(doc_ids):

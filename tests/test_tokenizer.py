@@ -2,7 +2,6 @@
 sample.py and eval.py from a checkpoint that carries one, with no data/ directory."""
 import importlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import prepare  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+from model import ModelConfig, Transformer, padded_vocab  # noqa: E402
 
 CORPUS = ROOT.parent / 'shared' / 'data' / 'tinyshakespeare' / 'input.txt'
 NON_ASCII = "Ünïcödé — naïve café, 日本語のテキスト, emoji 🙂🚀, Ελληνικά\n\ttabs  and   spaces"
@@ -95,7 +94,7 @@ def test_oversized_or_bad_tokenizers_are_refused(tmp_path):
 
 def bpe_checkpoint(meta, out_dir):
     """A tiny random MLA+MoE model with the trained BPE's tokenizer, saved as out_dir/ckpt.pt."""
-    cfg = ModelConfig(vocab_size=64 * math.ceil(VOCAB / 64), block_size=32, n_layer=2, n_embd=32, n_head=2,
+    cfg = ModelConfig(vocab_size=padded_vocab(VOCAB), block_size=32, n_layer=2, n_embd=32, n_head=2,
                       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                       dense_inter_dim=64, moe_inter_dim=16, n_routed_experts=4)
     torch.manual_seed(0)
