@@ -441,11 +441,13 @@ class MoE(nn.Module):
 
     def forward(self, x):
         c, (B, T, D) = self.cfg, x.shape
-        x = x.reshape(B * T, D)
+        # to the matmuls' dtype before the k copies: the permute, its backward and the gradients of
+        # the copies then move half the bytes of the float32 residual stream (autocast would cast
+        # every copy anyway, and the router's and shared experts' matmuls cast x the same way)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x = x.reshape(B * T, D).to(dtype)
         weights, indices, scores, logits = self.gate(x)
         x_sorted, offsets, row_map = ops.moe_permute(x, indices, c.n_routed_experts)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        x_sorted = x_sorted.to(dtype)
         y = ops.moe_unpermute(self.routed_experts(x_sorted, offsets), row_map, weights)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -586,7 +588,7 @@ class Transformer(nn.Module):
         zero = stats['ce'].new_zeros(())
         stats['balance'] = sum((a[0] for a in aux), zero)
         stats['z'] = sum((a[1] for a in aux), zero)
-        stats['mtp'] = self.mtp_loss(h, idx, targets, doc_ids) if self.mtp is not None else zero
+        stats['mtp'] = self.mtp_loss(h, idx, targets, attn_mask) if self.mtp is not None else zero
         loss = stats['ce'] + stats['balance'] + stats['z'] + self.cfg.mtp_lambda * stats['mtp']
         stats['load'] = torch.stack(loads) if loads else None
         return logits, loss, stats
@@ -600,11 +602,12 @@ class Transformer(nn.Module):
             return block_mask(doc_ids.size(1), self.cfg.attn_window, doc_ids.device, doc_ids)
         return doc_attention_mask(doc_ids)
 
-    def mtp_loss(self, h, idx, targets, doc_ids=None):
-        T = idx.size(1) - 1
-        attn_mask = self.attention_mask(None if doc_ids is None else doc_ids[:, :-1])
-        h = self.mtp(h[:, :-1], self.embed(idx[:, 1:]), *self.rope_at(None, T), attn_mask=attn_mask)
-        return token_loss(self.head(h), targets[:, 1:])
+    def mtp_loss(self, h, idx, targets, attn_mask=None):
+        """Over all T positions, so that the MTP block runs the main blocks' shapes (no sliced copies,
+        T stays a multiple of the kernels' tiles): the last position has no token i+1 to embed (it
+        embeds token 0) and no target, and as attention is causal it changes no other position."""
+        h = self.mtp(h, self.embed(idx.roll(-1, 1)), *self.rope_at(None, idx.size(1)), attn_mask=attn_mask)
+        return token_loss(self.head(h), F.pad(targets[:, 1:], (0, 1), value=-1))
 
     # -------------------------------------------------------------------------
     # balancing, counting, optimizing

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import ops
-from model import ModelConfig, MoE, Transformer
+from model import ModelConfig, MoE, Transformer, token_loss
 
 SMALL = dict(vocab_size=97, block_size=24, n_layer=3, n_embd=64, n_head=4, kv_lora_rank=32,
              qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, dense_inter_dim=96,
@@ -201,6 +201,25 @@ def test_mtp_loss_only_in_training():
     assert m.num_params() == plain.num_params()  # the MTP module is not part of the inference model
     logits, loss, stats = m(x)
     assert loss is None and stats is None and logits.shape == (2, 1, 97)
+
+
+@pytest.mark.parametrize('packed', [False, True])
+def test_mtp_loss_is_the_next_next_token_loss_over_t_minus_1_positions(packed):
+    """The MTP block runs over all T positions with the last one unscored: the same loss, and the same
+    gradients, as over the T-1 positions that have a token i+1 (ignored targets and packed documents too)."""
+    m = make(mtp_depth=1).double().eval()
+    x = torch.randint(0, 97, (2, 24))
+    y = x.roll(-1, 1)
+    y[0, 5] = -1
+    doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 24]) if packed else None
+    h = m.trunk(x, attn_mask=m.attention_mask(doc_ids))[0]
+    ours = m.mtp_loss(h, x, y, m.attention_mask(doc_ids))
+    short_mask = m.attention_mask(None if doc_ids is None else doc_ids[:, :-1])
+    short = m.mtp(h[:, :-1], m.embed(x[:, 1:]), *m.rope_at(None, 23), attn_mask=short_mask)
+    reference = token_loss(m.head(short), y[:, 1:])
+    assert torch.allclose(ours, reference, rtol=1e-6)
+    grads = [torch.autograd.grad(loss, m.mtp.proj.weight, retain_graph=True)[0] for loss in (ours, reference)]
+    assert torch.allclose(*grads, rtol=1e-6, atol=1e-9)
 
 
 def test_router_z_loss():
