@@ -369,9 +369,9 @@ def split_rows(m):
 
 
 def throughput_rows(thr):
-    rows = []
     if thr is None:  # --dataset=none
-        return rows
+        return []
+    rows = []
     if thr['prefill_tokens_per_s'] is not None:
         rows.append(('prefill', f"{thr['prefill_tokens_per_s']:,.0f} tokens/s"))
     if thr['decode_tokens_per_s'] is not None:
