@@ -93,17 +93,19 @@ def loop_speed():
 
 def time_to_loss(cmd, cwd=None):
     """Seconds from launching cmd to the first 'step N: train loss X, val loss V' line it prints (ours
-    and nanoGPT's alike) with V <= args.to_loss, then stops it; None if it ends first."""
-    launched = time.time()
+    and nanoGPT's alike) with V <= args.to_loss, then stops it -> (seconds, None); if it ends first,
+    (its whole wall time, the best val loss it printed)."""
+    launched, best = time.time(), float('inf')
     p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in p.stdout:
         m = re.match(r'step \d+: train loss [\d.]+, val loss ([\d.]+)', line)
-        if m and float(m[1]) <= args.to_loss:
+        best = min(best, float(m[1])) if m else best
+        if best <= args.to_loss:
             p.terminate()
             p.wait()
-            return time.time() - launched
+            return time.time() - launched, None
     p.wait()
-    return None
+    return time.time() - launched, best
 
 
 rows = []
@@ -134,8 +136,8 @@ if args.to_loss:
         if args.nanogpt:
             runs.insert(0, ('nanoGPT', [sys.executable, 'train.py', 'config/train_shakespeare_char.py'], args.nanogpt))
         for name, cmd, cwd in runs:
-            seconds = time_to_loss(cmd, cwd)
-            reached = f"{seconds:.1f} s" if seconds is not None else 'never'
+            seconds, best = time_to_loss(cmd, cwd)
+            reached = f"{seconds:.1f} s" if best is None else f"never (best val {best:.4f}, ended after {seconds:.1f} s)"
             rows.append((f'{name}: wall time from launch to val loss <= {args.to_loss}: {reached}', '', '', '', '', ''))
             print(' | '.join(rows[-1]), flush=True)
 

@@ -164,6 +164,41 @@ def test_compiled_gate_routes_as_eager(score_func, groups):
         assert torch.equal(i0, i1) and torch.allclose(w0, w1)
 
 
+def test_compiled_experts_run_w1_w3_as_one_matmul_with_the_same_result(monkeypatch):
+    """Training under torch.compile, w1|w3 is one grouped matmul (MoE.gate_up_in_one): the same
+    output and gradients as the two matmuls of eager, over ragged groups with empty experts. Frozen
+    experts (LoRA's) keep the per-weight matmuls."""
+    torch.manual_seed(0)
+    moe = MoE(ModelConfig(**SMALL))
+    for w in (moe.w1, moe.w2, moe.w3):
+        torch.nn.init.normal_(w, std=0.2)
+    offsets = torch.tensor([5, 0, 13, 1, 7, 0, 9, 4]).cumsum(0).int()
+    x = torch.randn(int(offsets[-1]), SMALL['n_embd'], dtype=torch.bfloat16, requires_grad=True)
+    grad_y = torch.randn_like(x)
+    decisions, decide = [], MoE.gate_up_in_one
+
+    def spy(self, x):
+        decisions.append(decide(self, x))
+        return decisions[-1]
+    monkeypatch.setattr(MoE, 'gate_up_in_one', spy)
+
+    def grads(fn):
+        for t in (x, moe.w1, moe.w2, moe.w3):
+            t.grad = None
+        fn(x, offsets).backward(grad_y)
+        return [t.grad.float() for t in (x, moe.w1, moe.w2, moe.w3)]
+    eager = grads(moe.routed_experts)
+    torch._dynamo.reset()
+    compiled = grads(torch.compile(moe.routed_experts))
+    assert decisions == [False, True]
+    for a, b in zip(eager, compiled):
+        assert (a - b).abs().max() <= 2e-2 * a.abs().max()
+    moe.requires_grad_(False)
+    torch._dynamo.reset()
+    torch.compile(moe.routed_experts)(x, offsets)
+    assert decisions[-1] is False
+
+
 def test_idle_experts_get_zero_gradient():
     m = make()
     moe = m.layers[1].ffn
