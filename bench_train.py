@@ -99,7 +99,8 @@ def time_to_loss(cmd, cwd=None):
     p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in p.stdout:
         m = re.match(r'step \d+: train loss [\d.]+, val loss ([\d.]+)', line)
-        best = min(best, float(m[1])) if m else best
+        if m:
+            best = min(best, float(m[1]))
         if best <= args.to_loss:
             p.terminate()
             p.wait()
