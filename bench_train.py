@@ -63,7 +63,7 @@ def training_step(mode):
 
     def step():
         with torch.autocast('cuda', torch.bfloat16):
-            _, loss, stats = forward(x, y)
+            _, loss, stats = forward(x, y, return_logits=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -582,11 +582,13 @@ class Transformer(nn.Module):
                 loads.append(load)
         return h, aux, loads
 
-    def forward(self, idx, targets=None, start_pos=0, doc_ids=None):
+    def forward(self, idx, targets=None, start_pos=0, doc_ids=None, return_logits=True):
         """-> logits, loss, stats. With targets: logits at every position, the training loss, and
         stats = its parts plus the expert loads [n_moe_layers, E]; without: last-position logits.
         start_pos > 0 decodes over the caches (setup_cache) from that position. doc_ids [B, T]:
-        packed examples; a token attends only to earlier tokens of its own document."""
+        packed examples; a token attends only to earlier tokens of its own document.
+        return_logits=False (training loops): None in the logits' place. A compiled graph's output
+        that gets no gradient still gets a zero one in its backward: a fill and an add over B*T*vocab."""
         B, T = idx.shape
         if start_pos + T > self.rope_cos.size(0):  # block_size, unless set_positions made more
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size {self.cfg.block_size}")
@@ -603,7 +605,7 @@ class Transformer(nn.Module):
         stats['mtp'] = self.mtp_loss(h, idx, targets, attn_mask) if self.mtp is not None else zero
         loss = stats['ce'] + stats['balance'] + stats['z'] + self.cfg.mtp_lambda * stats['mtp']
         stats['load'] = torch.stack(loads) if loads else None
-        return logits, loss, stats
+        return logits if return_logits else None, loss, stats
 
     def attention_mask(self, doc_ids):
         """doc_ids [B, T] of packed examples (or None) -> the mask that keeps them apart: a BlockMask

@@ -2,7 +2,7 @@
 Trains the MLA + DeepSeekMoE decoder of model.py. One process:
 $ python train.py config/train_tiny.py --batch_size=16
 DDP on one node with 4 GPUs:
-$ torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare.py
+$ torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare.py --gradient_accumulation_steps=4
 Two nodes (run on each, node_rank 0 and 1):
 $ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 train.py ...
 Sharded (parallel.py), for models past one GPU's memory: FSDP2, and the routed experts split 4 ways:
@@ -562,7 +562,7 @@ while True:
         elif ddp:
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
         with ctx:
-            _, loss, stats = model(X, Y, doc_ids=D)
+            _, loss, stats = model(X, Y, doc_ids=D, return_logits=False)
             loss = loss / gradient_accumulation_steps
         load = load + (stats['load'] if stats['load'] is not None else 0.0)
         last = micro_step == gradient_accumulation_steps - 1

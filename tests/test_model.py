@@ -199,6 +199,28 @@ def test_compiled_experts_run_w1_w3_as_one_matmul_with_the_same_result(monkeypat
     assert decisions[-1] is False
 
 
+@pytest.mark.parametrize('return_logits', [True, False])
+def test_training_forward_without_logits_sends_no_logits_gradient_into_the_compiled_backward(return_logits):
+    """A compiled graph gives each differentiable output a tangent in its backward, a zero tensor where
+    that output got no gradient: for the logits, a fill and an add over B*T*vocab a micro-step."""
+    from torch._dynamo.backends.common import aot_autograd
+    tangent_shapes = []
+
+    def record_tangents(gm, _example_inputs):
+        tangent_shapes.extend(tuple(n.meta['val'].shape) for n in gm.graph.nodes
+                              if n.op == 'placeholder' and n.name.startswith('tangents'))
+        return gm
+    m, x = make(), torch.randint(0, 97, (2, 24))
+    _, eager_loss, _ = m(x, x)
+    torch._dynamo.reset()
+    logits, loss, _ = torch.compile(m, backend=aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=record_tangents))(
+        x, x, return_logits=return_logits)
+    loss.backward()
+    assert torch.allclose(loss, eager_loss)
+    assert (logits is not None) == return_logits
+    assert ((2, 24, 97) in tangent_shapes) == return_logits
+
+
 def test_idle_experts_get_zero_gradient():
     m = make()
     moe = m.layers[1].ffn
