@@ -458,20 +458,21 @@ class MoE(nn.Module):
     def routed_experts(self, x_sorted, offsets):
         """The routed experts' SwiGLU over rows sorted by expert; parallel.py's expert parallelism
         replaces it on a MoE layer with a dispatch to the ranks that own the experts."""
-        if self.gate_up_in_one(x_sorted):
+        if self.gate_up_in_one():
             w13 = torch.cat([self.w1, self.w3], -1).to(x_sorted.dtype)
             h1, h3 = grouped_mm(x_sorted, w13, offsets).chunk(2, -1)
         else:
             h1, h3 = self.expert_mm(x_sorted, 'w1', offsets), self.expert_mm(x_sorted, 'w3', offsets)
         return self.expert_mm(F.silu(h1) * h3, 'w2', offsets)
 
-    def gate_up_in_one(self, x):
+    def gate_up_in_one(self):
         """w1 and w3 as one grouped matmul: x is read once and its gradient comes out of one matmul,
-        not two plus an add over the T*k rows. Only when training under torch.compile, where the
-        weights are cast to x's dtype anyway (the cat rides on that copy) and inductor fuses the
-        halves' SwiGLU and the gradient's cat; eager runs strided kernels there (train_NOTES.md 8).
-        A LoRA adapter on the experts (lora.py, which freezes them) keeps the per-weight seam."""
-        return torch.compiler.is_compiling() and self.w1.requires_grad and self.w1.dtype != x.dtype
+        not two plus an add over the T*k rows. Only when training under torch.compile, where inductor
+        writes the cat in the weights' cast (or, on train.py's bf16 working copies, a copy of a few
+        MB) and fuses the halves' SwiGLU and the gradient's cat; eager runs strided kernels there
+        (train_NOTES.md 8). A LoRA adapter on the experts (lora.py, which freezes them) keeps the
+        per-weight seam."""
+        return torch.compiler.is_compiling() and self.w1.requires_grad
 
     def expert_mm(self, x, name, offsets):
         """Rows sorted by expert times each expert's stacked weight `name` (w1, w2, w3); the seam

@@ -88,6 +88,8 @@ compile = torch.cuda.is_available()
 # outputs the step still needed, on an H100), else 'default'
 compile_mode = 'auto'
 activation_checkpointing = False  # recompute each block's activations in the backward: less memory
+cast_weights_once = True  # several micro-steps in bf16/fp16 on one process: the matmul weights' copies in
+                          # that dtype are made once a step, not in every micro-step (train_NOTES.md 13)
 memory_limit_gib = 0.0  # CUDA only: cap this process's allocations (torch.cuda.set_per_process_memory_fraction),
                         # an out-of-memory error past it, as on a smaller GPU; 0 = off
 # sharding under torchrun (parallel.py); neither: DDP, every rank holding the whole model
@@ -113,7 +115,7 @@ check_flags('train.py', globals(), {
     'init_from': rule(lambda v: v in ('scratch', 'resume') or v.startswith(('ckpt:', 'hf:')),
                       "must be 'scratch', 'resume', 'ckpt:PATH' or 'hf:DIR'"),
     'lora_rank': non_negative, 'lora_alpha': positive, 'lora_dropout': below(1), 'lora_targets': non_empty,
-    'activation_checkpointing': boolean,
+    'activation_checkpointing': boolean, 'cast_weights_once': boolean,
     'fsdp': [boolean, needs_torchrun(off=False), rule(lambda v: not v or not lora_rank, "LoRA runs are not sharded")],
     'ep': [positive, divides('n_routed_experts'), needs_torchrun(off=1), divides_world_size(),
            rule(lambda v: v == 1 or not lora_rank, "LoRA runs are not sharded")],
@@ -395,6 +397,33 @@ elif ddp:
                 broadcast_buffers=False)
 eval_model = model.module if isinstance(model, DDP) else model  # no DDP hooks for forward-only passes
 
+# Autocast casts each float32 matmul weight to bf16/fp16 in every micro-step's forward, and casts its
+# gradient back in the backward for autograd to add. With several micro-steps, the forward runs instead on
+# working copies made once a step, and each micro-step's gradients are added into the float32 ones: the
+# same sums of the same low-precision gradients, with fewer bytes moved. Embeddings are not autocast (their
+# lookup stays float32); DDP and FSDP reduce the parameters' own gradients, and activation checkpointing
+# would recompute on the parameters, so those runs keep autocast's casts.
+copies = {}  # parameter name -> (the float32 parameter, its working copy)
+if (cast_weights_once and gradient_accumulation_steps > 1 and ptdtype != torch.float32
+        and not (ddp or sharded or activation_checkpointing)):
+    embeddings = {id(m.weight) for m in raw_model.modules() if isinstance(m, torch.nn.Embedding)}
+    copies = {name: (p, p.detach().to(ptdtype).requires_grad_(p.requires_grad))
+              for name, p in model.named_parameters() if p.dim() >= 2 and id(p) not in embeddings}
+working = {name: c for name, (_, c) in copies.items()}
+
+
+def train_forward(*args, **kwargs):
+    """The training forward: on the working copies where there are any."""
+    return torch.func.functional_call(model, working, args, kwargs) if working else model(*args, **kwargs)
+
+
+def add_copy_gradients():
+    """A micro-step's gradients of the working copies, added into the float32 weights' own."""
+    for p, c in copies.values():
+        if c.grad is not None:
+            p.grad = c.grad.float() if p.grad is None else p.grad.add_(c.grad)
+            c.grad = None
+
 
 def save_run(name):
     """Plain: rank 0 writes out_dir/name. Sharded: every rank writes its part of a DCP directory."""
@@ -556,18 +585,22 @@ while True:
         break
 
     load = 0.0
+    if copies:
+        with torch.no_grad():
+            torch._foreach_copy_([c for _, c in copies.values()], [p for p, _ in copies.values()])
     for micro_step in range(gradient_accumulation_steps):
         if sharded:  # sync gradients only on the last micro-step
             sharding.set_gradient_sync(micro_step == gradient_accumulation_steps - 1)
         elif ddp:
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
         with ctx:
-            _, loss, stats = model(X, Y, doc_ids=D, return_logits=False)
+            _, loss, stats = train_forward(X, Y, doc_ids=D, return_logits=False)
             loss = loss / gradient_accumulation_steps
         load = load + (stats['load'] if stats['load'] is not None else 0.0)
         last = micro_step == gradient_accumulation_steps - 1
         X, Y, D = get_batch('train', batch_rng(iter_num + last, 0 if last else micro_step + 1))
         scaler.scale(loss).backward()
+        add_copy_gradients()
     if sharded:
         sharding.sync_expert_grads()
     grad_norm = None

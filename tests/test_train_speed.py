@@ -1,6 +1,7 @@
 """Issue 18's CPU-checkable parts: the batched loader reads the very windows that the per-row loader
-read; Muon orthogonalizes each expert's matrix, trains, and resumes exactly; the new flags. On a CUDA
-GPU also: the CUDA-graph step (compile_mode='reduce-overhead') against the eager step, and its resume."""
+read; Muon orthogonalizes each expert's matrix, trains, and resumes exactly; the weights' bf16 copies
+made once a step give autocast's losses; the new flags. On a CUDA GPU also: the CUDA-graph step
+(compile_mode='reduce-overhead') against the eager step, and its resume; the copies under compile."""
 import sys
 from pathlib import Path
 
@@ -100,6 +101,24 @@ def test_muon_trains_and_resumes_exactly(work):
     assert p.returncode == 2 and "trained with 'muon'" in p.stderr
 
 
+def step_losses(work, out_dir):
+    return {r['iter']: r['loss'] for r in records(work / out_dir, 'train')}
+
+
+def test_weights_cast_once_a_step_give_the_same_losses(work):
+    """bf16 autocast with several micro-steps: the matmul weights' bf16 copies made once a step (and
+    the micro-steps' bf16 gradients added into the float32 ones) give eager's losses bit for bit, and
+    the checkpoint holds the float32 weights under their own names."""
+    bf16 = ['--dtype=bfloat16', '--gradient_accumulation_steps=3', '--max_iters=5', '--eval_interval=5']
+    train(work, '--out_dir=cast_each', *bf16, '--cast_weights_once=False')
+    train(work, '--out_dir=cast_once', *bf16)
+    each, once = step_losses(work, 'cast_each'), step_losses(work, 'cast_once')
+    assert sorted(once) == list(range(5)) and once == each
+    a = torch.load(work / 'cast_each' / 'ckpt.pt', weights_only=False)['model']
+    b = torch.load(work / 'cast_once' / 'ckpt.pt', weights_only=False)['model']
+    assert a.keys() == b.keys() and all(b[k].dtype == a[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize('args, env, message', [
     (['--optimizer=sgd'], {}, "--optimizer='sgd': must be one of 'adamw', 'muon'"),
     (['--optimizer=muon', '--lora_rank=4'], {}, "LoRA's adapters train with 'adamw'"),
@@ -132,3 +151,15 @@ def test_graph_step_matches_eager_and_resumes_exactly(work):
     assert sorted(graphed) == list(range(8))
     assert all(abs(graphed[i] - eager[i]) < 2e-2 * eager[i] for i in range(8)), (eager, graphed)
     assert all(abs(resumed[i] - graphed[i]) < 1e-3 for i in range(8)), (graphed, resumed)
+
+
+@cuda
+def test_weights_cast_once_under_compile_match_autocast(work):
+    """The same on the GPU under torch.compile, where w1|w3 run as one grouped matmul on the bf16
+    copies too: inductor fuses the casts differently, so the losses agree to bf16 noise."""
+    args = [*GPU, '--compile=True', '--gradient_accumulation_steps=2']
+    train(work, '--out_dir=gpu_cast_each', *args, '--cast_weights_once=False')
+    train(work, '--out_dir=gpu_cast_once', *args)
+    each, once = step_losses(work, 'gpu_cast_each'), step_losses(work, 'gpu_cast_once')
+    assert sorted(once) == list(range(8))
+    assert all(abs(once[i] - each[i]) < 1e-2 * each[i] for i in range(8)), (each, once)
