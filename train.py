@@ -403,13 +403,15 @@ eval_model = model.module if isinstance(model, DDP) else model  # no DDP hooks f
 # same sums of the same low-precision gradients, with fewer bytes moved. Embeddings are not autocast (their
 # lookup stays float32); DDP and FSDP reduce the parameters' own gradients, and activation checkpointing
 # would recompute on the parameters, so those runs keep autocast's casts.
-copies = {}  # parameter name -> (the float32 parameter, its working copy)
+working, masters = {}, []  # parameter name -> its working copy; the float32 parameters, in that order
 if (cast_weights_once and gradient_accumulation_steps > 1 and ptdtype != torch.float32
         and not (ddp or sharded or activation_checkpointing)):
     embeddings = {id(m.weight) for m in raw_model.modules() if isinstance(m, torch.nn.Embedding)}
-    copies = {name: (p, p.detach().to(ptdtype).requires_grad_(p.requires_grad))
-              for name, p in model.named_parameters() if p.dim() >= 2 and id(p) not in embeddings}
-working = {name: c for name, (_, c) in copies.items()}
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and id(p) not in embeddings:
+            working[name] = p.detach().to(ptdtype).requires_grad_(p.requires_grad)
+            masters.append(p)
+copies = list(working.values())
 
 
 def train_forward(*args, **kwargs):
@@ -419,7 +421,7 @@ def train_forward(*args, **kwargs):
 
 def add_copy_gradients():
     """A micro-step's gradients of the working copies, added into the float32 weights' own."""
-    for p, c in copies.values():
+    for p, c in zip(masters, copies):
         if c.grad is not None:
             p.grad = c.grad.float() if p.grad is None else p.grad.add_(c.grad)
             c.grad = None
@@ -587,7 +589,7 @@ while True:
     load = 0.0
     if copies:
         with torch.no_grad():
-            torch._foreach_copy_([c for _, c in copies.values()], [p for p, _ in copies.values()])
+            torch._foreach_copy_(copies, masters)
     for micro_step in range(gradient_accumulation_steps):
         if sharded:  # sync gradients only on the last micro-step
             sharding.set_gradient_sync(micro_step == gradient_accumulation_steps - 1)

@@ -167,8 +167,7 @@ def test_compiled_gate_routes_as_eager(score_func, groups):
 def test_compiled_experts_run_w1_w3_as_one_matmul_with_the_same_result(monkeypatch):
     """Training under torch.compile, w1|w3 is one grouped matmul (MoE.gate_up_in_one), on float32
     weights and on bf16 ones: the same output and gradients as the two matmuls of eager, over ragged
-    groups with empty experts. Frozen
-    experts (LoRA's) keep the per-weight matmuls."""
+    groups with empty experts. Frozen experts (LoRA's) keep the per-weight matmuls."""
     torch.manual_seed(0)
     moe = MoE(ModelConfig(**SMALL))
     for w in (moe.w1, moe.w2, moe.w3):

@@ -107,7 +107,7 @@ def step_losses(work, out_dir):
 
 def test_weights_cast_once_a_step_give_the_same_losses(work):
     """bf16 autocast with several micro-steps: the matmul weights' bf16 copies made once a step (and
-    the micro-steps' bf16 gradients added into the float32 ones) give eager's losses bit for bit, and
+    the micro-steps' bf16 gradients added into the float32 ones) give autocast's losses bit for bit, and
     the checkpoint holds the float32 weights under their own names."""
     bf16 = ['--dtype=bfloat16', '--gradient_accumulation_steps=3', '--max_iters=5', '--eval_interval=5']
     train(work, '--out_dir=cast_each', *bf16, '--cast_weights_once=False')
