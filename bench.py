@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import model
 import ops
-from bench_decode import markdown_table
+from benchmarks.timing import markdown_table
 from prepare import write_text
 
 parser = argparse.ArgumentParser()

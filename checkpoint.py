@@ -5,16 +5,20 @@ every script calls to get a model from wherever it lives: a checkpoint file, an 
 A checkpoint is a dict: 'model' (state dict), 'model_args' (ModelConfig fields), 'tokenizer'
 (prepare.py's description), and from train.py also optimizer, scaler, rng, iter_num, config.
 A LoRA run's checkpoint holds only the adapters in 'model', plus 'lora': {'config': lora.add_lora's
-arguments, 'base': the base checkpoint's path, 'base_sha256': its checksum}; load_model returns
-base + adapters folded into plain weights.
+arguments, 'base': the base's path (a checkpoint or a Hugging Face directory), 'base_sha256': its
+checksum}; load_model returns base + adapters folded into plain weights.
 """
+import fcntl
 import os
+import sys
 
 import torch
 
+from flags import one_line
+from hf import HFError, load_hf, model_files
 from lora import add_lora, load_lora_state, merged_state_dict
 from model import TRAINING_FIELDS, ModelConfig, Transformer
-from prepare import sha256_files
+from prepare import atomic_path, sha256_files
 
 FILES = {'latest': 'ckpt.pt', 'best': 'best.pt'}
 SHARDED_FILES = {'latest': 'ckpt.dcp', 'best': 'best.dcp'}  # a sharded run's DCP directories (parallel.py)
@@ -26,11 +30,42 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or not one of ours; the message is one line."""
 
 
+RUN_FILES = ('ckpt.pt', 'best.pt', 'ckpt.dcp', 'best.dcp', 'log.jsonl')  # what makes a directory a training run
+
+
+def run_files(out_dir):
+    """The files of a training run (train.py's out_dir) that out_dir holds."""
+    return [n for n in RUN_FILES if os.path.lexists(os.path.join(out_dir, n))]
+
+
+def lock_dir(path):
+    """An exclusive lock on the directory path, held while the returned file stays open (so for the
+    process's life): a second writer is refused, naming the first one's process. The OS releases it
+    when the process ends, however it ends."""
+    f = open(os.path.join(path, '.lock'), 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        raise CheckpointError(f"{path} is in use by {holder}: wait for it to end, or pick another directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} ({' '.join(os.path.basename(a) for a in sys.argv[:1])})")
+    f.flush()
+    return f
+
+
 def save_checkpoint(obj, path):
-    """Write then rename: a crash mid-write leaves the previous file intact."""
-    tmp = f'{path}.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Write then rename: a crash or a full disk mid-write leaves the previous file intact."""
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's writer wraps the file's own error (a full disk): raise that one
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
 
 
 def checkpoint_file(source, which='latest'):
@@ -41,7 +76,7 @@ def checkpoint_file(source, which='latest'):
     sharded = os.path.join(source, SHARDED_FILES[which])
     if not os.path.isfile(path) and os.path.isdir(sharded):
         raise CheckpointError(f"{source} holds a sharded checkpoint ({sharded}): make the single file with "
-                              f"`python parallel.py to_plain --out_dir={source} --ckpt={which}`")
+                              f"`python convert.py to_plain --out_dir={source} --ckpt={which}`")
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py config/train_tiny.py)")
     return path
@@ -51,8 +86,7 @@ def read_checkpoint(path, map_location='cpu', required=REQUIRED):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [''])[0]
-        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {first}): truncated or not a checkpoint") from None
+        raise CheckpointError(f"cannot read {path} ({one_line(e)}): truncated or not a checkpoint") from None
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint train.py wrote: it has no {', '.join(missing)}")
@@ -72,21 +106,30 @@ def check_model_args(ckpt_args, given_args, explicitly_set):
     return {**ckpt_args, **{k: given_args[k] for k in explicitly_set if k in changeable}}
 
 
+def base_sha256(path):
+    """The checksum of a LoRA run's base: a checkpoint file, or a Hugging Face directory's config.json,
+    weight files and tokenizer.json in a fixed order."""
+    try:
+        return sha256_files(model_files(path) if os.path.isdir(path) else [path])
+    except (HFError, OSError) as e:
+        raise CheckpointError(f"cannot read the base {path} ({e})") from None
+
+
 def lora_checkpoint_fields(config, base_path):
     """What a LoRA checkpoint records about its adapters and the base they belong to."""
-    return {'config': config, 'base': os.path.abspath(base_path), 'base_sha256': sha256_files([base_path])}
+    return {'config': config, 'base': os.path.abspath(base_path), 'base_sha256': base_sha256(base_path)}
 
 
 def load_with_adapters(ckpt, path):
     """A LoRA checkpoint's base (its checksum checked) with the adapters added, not folded in:
     base frozen, adapters trainable."""
     base = ckpt['lora']['base']
-    if not os.path.isfile(base):
-        raise CheckpointError(f"{path}: its base checkpoint {base} is missing: restore it (adapters only fit "
-                              "their base; `python lora.py merge` makes a checkpoint that needs none)")
-    if sha256_files([base]) != ckpt['lora']['base_sha256']:
-        raise CheckpointError(f"{path}: its base checkpoint {base} has changed since the adapters were trained "
-                              "(sha256 differs): restore that file; adapters only fit the weights they were trained on")
+    if not os.path.exists(base):
+        raise CheckpointError(f"{path}: its base {base} is missing: restore it (adapters only fit "
+                              "their base; `python convert.py merge` makes a checkpoint that needs none)")
+    if base_sha256(base) != ckpt['lora']['base_sha256']:
+        raise CheckpointError(f"{path}: its base {base} has changed since the adapters were trained "
+                              "(sha256 differs): restore it; adapters only fit the weights they were trained on")
     model = Transformer(ModelConfig(**ckpt['model_args']))  # the run's own training fields (dropout)
     model.load_state_dict(load_model(base)[0].state_dict())
     try:
@@ -99,14 +142,18 @@ def load_with_adapters(ckpt, path):
 
 def load_model(source, which='latest', device='cpu', dtype=None, block_size=None, fold_adapters=True):
     """-> (model in eval mode on device/dtype, checkpoint dict without its weights). A directory
-    with a config.json is a Hugging Face one (hf.py): its weights keep their dtype unless dtype is
-    given. block_size caps the context the model (and so its caches) is built for. fold_adapters=False
-    keeps a LoRA run's adapters apart from its base, at its full context (hf.py exports them apart)."""
+    with a config.json is a Hugging Face one (hf.py), refused if it also holds a training run (either
+    could be meant); its weights keep their dtype unless dtype is given. block_size caps the context
+    the model (and so its caches) is built for. fold_adapters=False keeps a LoRA run's adapters apart
+    from its base, at its full context (hf.py exports them apart)."""
     if os.path.isfile(os.path.join(source, 'config.json')):
-        from hf import HFError, load_hf  # hf.py is an entry point above this file: imported on demand
+        held = run_files(source)
+        if held:
+            raise CheckpointError(f"{source} holds both a Hugging Face model (config.json) and a training run "
+                                  f"({', '.join(held)}): move one of them to a directory of its own")
         try:
             return load_hf(source, device, dtype, block_size)
-        except HFError as e:
+        except (HFError, OSError) as e:
             raise CheckpointError(str(e)) from None
     path = checkpoint_file(source, which)
     ckpt = read_checkpoint(path)
@@ -122,7 +169,6 @@ def load_model(source, which='latest', device='cpu', dtype=None, block_size=None
         model = Transformer(ModelConfig(**ckpt['model_args']))
         model.load_state_dict(ckpt.pop('model'))
     except (TypeError, ValueError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [''])[0]
-        raise CheckpointError(f"{path}: its weights do not fit its model_args ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"{path}: its weights do not fit its model_args ({one_line(e)})") from None
     ckpt['path'] = path
     return model.eval().to(device=device, dtype=dtype), ckpt

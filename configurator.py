@@ -12,7 +12,7 @@ a file or a flag set are left in __flags_given__ (for rules such as resume's, se
 import sys
 
 def _configure(g, argv):
-    import ast, builtins, difflib, types
+    import ast, builtins, difflib, traceback, types
 
     def fail(msg):
         print(f"configurator: {msg}", file=sys.stderr)
@@ -45,7 +45,7 @@ def _configure(g, argv):
             try:
                 exec(builtins.compile(src, arg, 'exec'), g)  # train.py has a global named compile
             except Exception as e:
-                fail(f"{arg}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+                fail(f"{arg}: {traceback.format_exception_only(e)[-1].strip()}")  # its last line: TypeName: message
             new = [k for k in g if k not in before and not k.startswith('_') and not isinstance(g[k], types.ModuleType)]
             if new:
                 fail(f"{arg}: {unknown(new[0], before)}")

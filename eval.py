@@ -11,6 +11,8 @@ Scoring. The split (data/DATASET/SPLIT_*.bin, DATASET from the checkpoint's trai
 scored exactly once: by default in non-overlapping windows of block_size tokens; with --stride=S,
 windows of block_size tokens advance by S and each scores only its last S tokens, so every token
 after the first window sees at least block_size - S tokens of context (slower, lower loss).
+Instruction data (prepare.py --format=alpaca|chat) is scored as train.py trains on it: each example
+on its own, from its first token, and only the tokens of its responses (the loss mask).
 ce is the mean cross-entropy in nats over the scored tokens, ppl = exp(ce), and bits per byte
 bpb = (ce summed over the scored tokens) / (UTF-8 bytes of their text) / ln 2, which compares models
 with different tokenizers (GPT-2's <|endoftext|> marks a document boundary and counts 0 bytes).
@@ -34,7 +36,10 @@ metrics.json (written atomically):
     checkpoint     {"path", "iter"}: the file evaluated and its training iteration (null if unknown)
     model_config   the checkpoint's model_args (ModelConfig fields)
     dataset, split, tokenizer   what was scored (tokenizer "char", "gpt2" or "hf")
-    scoring        {"block_size", "stride", "windows", "split_tokens", "tokens_scored", "bytes_scored"}
+    scoring        {"block_size", "stride", "windows", "targets", "split_tokens", "tokens_scored", "bytes_scored"}:
+                   targets "all" for text; "responses" for instruction data (prepare.py --format), which
+                   is scored as train.py's loss counts it: each example on its own (windows = examples,
+                   at most block_size + 1 tokens each), only its response tokens
     ce, ppl, bpb   nats per token, exp(ce), bits per UTF-8 byte (bpb null where the bytes are unknown)
     params         {"total", "active"}: model.num_params(), active counts k of E routed experts
     throughput     {"prefill_tokens_per_s", "decode_tokens_per_s", "decode_batch", "decode_tokens"}:
@@ -50,7 +55,6 @@ metrics.json (written atomically):
     device         {"device", "dtype", "name", "torch"}
     seconds        wall time of the whole evaluation
 """
-import json
 import math
 import os
 import platform
@@ -64,9 +68,10 @@ import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_model
 from engine import Engine, SamplingParams, windows
-from flags import check_flags, cross_rule, non_negative, one_of, positive, usage_error
-from prepare import (EOT, eot_of, get_tokenizer, gpt2_encoding, hf_tokenizer, read_jsonl, read_shard,
-                     vocab_size_of, write_json)
+from flags import (DTYPES, check_flags, cross_rule, default_device, default_dtype, device_exists, dtype_supported,
+                   end_in_one_line, non_negative, one_line, one_of, positive, usage_error)
+from prepare import (DOC_START, EOT, LOSS, eot_of, get_tokenizer, gpt2_encoding, hf_tokenizer, mask_path,
+                     read_jsonl, read_mask, read_meta, read_shard, split_shards, vocab_size_of, write_json)
 
 try:  # lm-evaluation-harness is optional: only the adapter needs it
     import lm_eval.models  # noqa: F401  lm_eval's own models first: it only loads them into an empty registry
@@ -89,14 +94,11 @@ decode_tokens = 64       # greedy tokens per prompt for decode throughput; 0 = s
 lm_eval_tasks = ''       # comma-separated lm-evaluation-harness tasks
 lm_eval_include = ''     # a folder of task YAMLs for lm_eval
 lm_eval_limit = 0        # items per lm_eval task; 0 = all
-device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
+device = default_device()
+dtype = default_dtype()
 if __name__ == '__main__':  # importing this file (tests, lm_eval) must not parse the command line
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
-
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-
 
 def fail(msg):
     raise SystemExit(f"eval.py: error: {msg}")
@@ -106,34 +108,35 @@ def fail(msg):
 # data
 
 def read_split(data_dir, split_name):
-    """All shards of a split as one token stream (2 bytes a token in memory)."""
-    paths = sorted(os.path.join(data_dir, n) for n in os.listdir(data_dir)
-                   if n.startswith(split_name + '_') and n.endswith('.bin'))
-    if not paths:
-        raise ValueError(f"no {split_name} shards in {data_dir}: run `python prepare.py {os.path.basename(data_dir)}`")
-    return np.concatenate([read_shard(p) for p in paths])
+    """All shards of a split as one token stream (2 bytes a token in memory), and for instruction data
+    (prepare.py --format) their loss masks as one stream beside it, else None."""
+    paths = split_shards(data_dir, split_name)
+    masks = [mask_path(p) for p in paths if os.path.exists(mask_path(p))]
+    if masks and len(masks) != len(paths):
+        raise ValueError(f"{data_dir}: some shards have a .mask.bin and some do not: prepare the dataset again")
+    tokens = np.concatenate([read_shard(p) for p in paths])
+    mask = np.concatenate([read_mask(p) for p in masks]) if masks else None
+    if mask is not None and len(mask) != len(tokens):
+        raise ValueError(f"{data_dir}: a mask's length differs from its shard's: prepare the dataset again")
+    return tokens, mask
 
 
 def load_dataset(data_dir, tokenizer, split_name):
-    """The split's tokens, after checking that the dataset was tokenized like the checkpoint."""
-    meta_path = os.path.join(data_dir, 'meta.json')
-    if not os.path.isfile(meta_path):
-        raise ValueError(f"no dataset at {data_dir}: run `python prepare.py {os.path.basename(data_dir)}` first, "
-                         f"or pass --dataset=none to run only --mc/--lm_eval_tasks")
+    """The split's tokens and loss mask (None for plain text), after checking that the dataset was
+    tokenized like the checkpoint."""
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from None
+        meta = read_meta(data_dir)
+    except FileNotFoundError as e:
+        raise ValueError(f"{e}, or pass --dataset=none to run only --mc/--lm_eval_tasks") from None
     if meta.get('tokenizer') != tokenizer:
         raise ValueError(f"{data_dir} was tokenized with {describe(meta.get('tokenizer'))}, the checkpoint "
                          f"with {describe(tokenizer)}: pass the checkpoint's --dataset")
-    tokens = read_split(data_dir, split_name)
+    tokens, mask = read_split(data_dir, split_name)
     if len(tokens) < 2:
         raise ValueError(f"{data_dir} {split_name}: {len(tokens)} token(s), nothing to score")
     if tokens.max() >= vocab_size_of(tokenizer):
         raise ValueError(f"{data_dir} {split_name}: token id {tokens.max()} is outside the vocabulary")
-    return tokens
+    return tokens, mask
 
 
 def describe(tokenizer):
@@ -189,26 +192,32 @@ def read_mc(path):
 # scoring: every figure below comes from score_batch
 
 @torch.no_grad()
-def score_batch(model, seqs, n_scored, device):
-    """Sequences of at most block_size + 1 tokens -> per sequence, the log-probabilities of its last
-    n_scored tokens given everything before them, whether each was the model's top choice, and the
-    expert load [n_moe_layers, E] of the batch (None for a dense model). Shorter sequences are padded
-    on the right, which the causal model's earlier positions never see."""
+def score_batch(model, seqs, scored, device):
+    """Sequences of at most block_size + 1 tokens -> per sequence, the log-probabilities of its scored
+    tokens given everything before them, whether each was the model's top choice, and the expert load
+    [n_moe_layers, E] of the batch (None for a dense model). scored[i] is a count n (the sequence's
+    last n tokens) or a boolean mask over seqs[i][1:]. Shorter sequences are padded on the right,
+    which the causal model's earlier positions never see."""
     T = max(map(len, seqs)) - 1
     x = torch.zeros(len(seqs), T, dtype=torch.long)
     y = torch.full((len(seqs), T), -1, dtype=torch.long)
-    for i, (seq, n) in enumerate(zip(seqs, n_scored)):
+    picks = []
+    for i, (seq, which) in enumerate(zip(seqs, scored)):
         seq = torch.as_tensor(np.asarray(seq, dtype=np.int64))
+        pick = np.arange(len(seq) - 1) >= len(seq) - 1 - which if np.isscalar(which) else np.asarray(which, bool)
         x[i, :len(seq) - 1] = seq[:-1]
-        y[i, len(seq) - 1 - n:len(seq) - 1] = seq[len(seq) - n:]
+        y[i, :len(seq) - 1] = torch.where(torch.from_numpy(pick), seq[1:], -1)
+        picks.append(np.flatnonzero(pick))
     x, y = x.to(device), y.to(device)
     logits, _, stats = model(x, targets=y)
     logprobs = -F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction='none')
     greedy = logits.argmax(-1) == y
     logprobs, greedy = logprobs.double().cpu().numpy(), greedy.cpu().numpy()
-    rows = [(logprobs[i, len(s) - 1 - n:len(s) - 1], greedy[i, len(s) - 1 - n:len(s) - 1])
-            for i, (s, n) in enumerate(zip(seqs, n_scored))]
-    return rows, stats['load']
+    return [(logprobs[i, p], greedy[i, p]) for i, p in enumerate(picks)], stats['load']
+
+
+def add_load(total, batch_load):
+    return total if batch_load is None else batch_load.double().cpu() + (0 if total is None else total)
 
 
 def same_length_batches(plan, batch_size):
@@ -233,9 +242,35 @@ def score_tokens(model, tokens, stride, batch_size, device):
         rows, batch_load = score_batch(model, [tokens[s:e + 1] for s, e, _ in batch], [n for _, _, n in batch], device)
         total += sum(loglikelihood(lp) for lp, _ in rows)
         scored += sum(len(lp) for lp, _ in rows)
-        if batch_load is not None:
-            load = batch_load.double().cpu() + (0 if load is None else load)
+        load = add_load(load, batch_load)
     return total, scored, len(plan), load
+
+
+def examples(tokens, mask, block_size):
+    """Instruction data -> (tokens, scored) per example: the example from its first token, at most
+    block_size + 1 tokens of it (a train.py window starts at an example and holds that many), scored
+    where the target carries loss (the responses): what train.py trains on and its val loss scores."""
+    starts = np.flatnonzero(mask & DOC_START)
+    for s, e in zip(starts, np.append(starts[1:], len(tokens))):
+        e = min(e, s + block_size + 1)
+        scored = (mask[s + 1:e] & LOSS) > 0
+        if scored.any():
+            yield np.asarray(tokens[s:e]), scored
+
+
+def score_examples(model, tokens, mask, batch_size, device):
+    """score_tokens for instruction data: every response token once, each example on its own, batched
+    with examples of its length (no padding, so none counted in the expert load) -> (sum of
+    log-probabilities, tokens scored, examples, expert load, the scored tokens' ids)."""
+    exs = sorted(examples(tokens, mask, model.cfg.block_size), key=lambda ex: len(ex[0]))
+    total, scored, load = 0.0, 0, None
+    for batch in same_length_batches([(0, len(ex[0]), ex) for ex in exs], batch_size):
+        rows, batch_load = score_batch(model, [ex[0] for *_, ex in batch], [ex[1] for *_, ex in batch], device)
+        total += sum(loglikelihood(lp) for lp, _ in rows)
+        scored += sum(len(lp) for lp, _ in rows)
+        load = add_load(load, batch_load)
+    ids = np.concatenate([t[1:][m] for t, m in exs]) if exs else np.zeros(0, np.int64)
+    return total, scored, len(exs), load, ids
 
 
 def score_continuations(model, pairs, batch_size, device):
@@ -362,8 +397,10 @@ def split_rows(m):
         return [('data', 'none (--dataset=none): no cross-entropy, throughput or expert load')]
     bpb = f"{m['bpb']:.4f}" if m['bpb'] is not None else \
         'n/a: no text bytes' if sc['bytes_scored'] == 0 else "n/a: the tokenizer's bytes are unknown"
-    return [('data', f"{m['dataset']} {m['split']}: {sc['tokens_scored']:,} tokens scored in {sc['windows']:,} "
-                     f"windows, " + (f"stride {sc['stride']}" if sc['stride'] else 'side by side')),
+    how = f"windows, stride {sc['stride']}" if sc['stride'] else 'windows side by side'
+    if sc['targets'] == 'responses':
+        how = "examples, response tokens only (train.py's loss)"
+    return [('data', f"{m['dataset']} {m['split']}: {sc['tokens_scored']:,} tokens scored in {sc['windows']:,} {how}"),
             ('cross-entropy', f"{m['ce']:.4f} nats/token"), ('perplexity', f"{m['ppl']:.4f}"),
             ('bits per byte', bpb)]
 
@@ -469,8 +506,7 @@ def run_lm_eval(model, checkpoint, tasks, limit, batch, device, dtype_name):
     try:
         results = lm_eval.simple_evaluate(model=lm, tasks=tasks[0], task_manager=tasks[1], limit=limit or None)
     except Exception as e:  # lm_eval and the datasets it loads fail in many ways: one line each
-        first = (str(e).strip().splitlines() or [''])[0]
-        raise ValueError(f"lm_eval failed ({type(e).__name__}: {first}); without network, a task whose data is on "
+        raise ValueError(f"lm_eval failed ({one_line(e)}); without network, a task whose data is on "
                          f"the Hugging Face hub needs a local copy: a task YAML with dataset_path: json") from None
     return {task: {k: v for k, v in res.items() if isinstance(v, (int, float))}
             for task, res in results['results'].items()}
@@ -482,22 +518,30 @@ NO_SPLIT = dict.fromkeys(('scoring', 'ce', 'ppl', 'bpb', 'throughput', 'expert_l
 
 
 def read_eval_split(checkpoint):
-    """(dataset name, the split's tokens), or (None, None) with --dataset=none."""
+    """(dataset name, the split's tokens, its loss mask or None), or Nones with --dataset=none."""
     if dataset == 'none':
-        return None, None
+        return None, None, None
     name = dataset or checkpoint.get('config', {}).get('dataset')
     if not name:
         fail("the checkpoint does not name its dataset: pass --dataset (--dataset=none: only --mc/--lm_eval_tasks)")
-    return name, load_dataset(os.path.join('data', name), checkpoint['tokenizer'], split)
+    return name, *load_dataset(os.path.join('data', name), checkpoint['tokenizer'], split)
 
 
-def split_metrics(model, tokenizer, name, tokens):
+def split_metrics(model, tokenizer, name, tokens, mask):
     """metrics.json's figures from the split: scoring, ce, ppl, bpb, throughput, expert_load."""
-    print(f"scoring {len(tokens) - 1:,} of the {len(tokens):,} tokens of {name} {split} "
-          f"(the first has no context and is not scored)")
-    logprob, scored, n_windows, load = score_tokens(model, tokens, stride, batch_size, device)
+    if mask is None:
+        print(f"scoring {len(tokens) - 1:,} of the {len(tokens):,} tokens of {name} {split} "
+              f"(the first has no context and is not scored)")
+        logprob, scored, n_windows, load = score_tokens(model, tokens, stride, batch_size, device)
+        targets = tokens[1:]
+    else:
+        print(f"scoring the response tokens of {name} {split}, each example on its own: instruction data, "
+              f"where train.py's loss (and its val loss) counts only the responses")
+        logprob, scored, n_windows, load, targets = score_examples(model, tokens, mask, batch_size, device)
+        if not scored:
+            raise ValueError(f"{name} {split}: no example has a response token to score")
     per_token = token_bytes(tokenizer)
-    n_bytes = None if per_token is None else int(np.bincount(tokens[1:], minlength=len(per_token)) @ per_token)
+    n_bytes = None if per_token is None else int(np.bincount(targets, minlength=len(per_token)) @ per_token)
     ce = -logprob / scored
     throughput = {'prefill_tokens_per_s': None, 'decode_tokens_per_s': None, 'decode_batch': batch_size,
                   'decode_tokens': decode_tokens}
@@ -507,7 +551,8 @@ def split_metrics(model, tokenizer, name, tokens):
         throughput['decode_tokens_per_s'] = decode_throughput(model, tokenizer, tokens, batch_size,
                                                               decode_tokens, device)
     return {'scoring': {'block_size': model.cfg.block_size, 'stride': stride, 'windows': n_windows,
-                        'split_tokens': len(tokens), 'tokens_scored': scored, 'bytes_scored': n_bytes},
+                        'targets': 'all' if mask is None else 'responses', 'split_tokens': len(tokens),
+                        'tokens_scored': scored, 'bytes_scored': n_bytes},
             'ce': ce, 'ppl': math.exp(ce), 'bpb': -logprob / n_bytes / math.log(2) if n_bytes else None,
             'throughput': throughput, 'expert_load': expert_load(model, load)}
 
@@ -517,10 +562,11 @@ def main():
     check_flags('eval.py', globals(), {
         'ckpt': one_of('latest', 'best'), 'split': one_of('train', 'val'), 'stride': non_negative,
         'batch_size': positive, 'bench_iters': non_negative, 'decode_tokens': non_negative,
-        'lm_eval_limit': non_negative, 'dtype': one_of(*DTYPES),
+        'lm_eval_limit': non_negative, 'device': device_exists(), 'dtype': dtype_supported(),
         'dataset': cross_rule(lambda v, flags: v != 'none' or bool(flags['mc'] or flags['lm_eval_tasks']),
                               "nothing to evaluate without data: pass --mc=FILE and/or --lm_eval_tasks=TASKS"),
     })
+    end_in_one_line('eval.py', 'lower --batch_size')
     if torch.device(device).type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -528,13 +574,15 @@ def main():
         encode, _ = get_tokenizer(checkpoint['tokenizer'])  # the checkpoint's own: no data/ needed
         if stride > model.cfg.block_size:
             usage_error('eval.py', f"--stride={stride}: must be <= the model's block_size {model.cfg.block_size}")
-        name, tokens = read_eval_split(checkpoint)
+        name, tokens, mask = read_eval_split(checkpoint)
+        if stride and mask is not None:
+            usage_error('eval.py', f"--stride={stride}: {name} is instruction data, scored one example at a time")
         items = read_mc(mc) if mc else None
         tasks = lm_eval_tasks_of(lm_eval_tasks, lm_eval_include) if lm_eval_tasks else None
     except (CheckpointError, ValueError, OSError) as e:
         fail(e)
-    from_split = NO_SPLIT if tokens is None else split_metrics(model, checkpoint['tokenizer'], name, tokens)
     try:
+        from_split = NO_SPLIT if tokens is None else split_metrics(model, checkpoint['tokenizer'], name, tokens, mask)
         mc_result = multiple_choice(model, encode, items, batch_size, device) if items else None
         lm_eval_result = run_lm_eval(model, checkpoint, tasks, lm_eval_limit, batch_size, device, dtype) if tasks else None
     except ValueError as e:

@@ -14,9 +14,64 @@ with one line naming the flag, its value and what is allowed, and exit code 2 (a
 A rule is (ok, allowed): ok(value, flags) -> bool sees every flag, so a rule may compare flags;
 allowed is the words for the error, or a function of the flags that returns them. Rules run in the
 table's order: list a flag before the rules that compare other flags with it.
+
+Also here, as every script needs them: the dtype names and the machine's defaults (the best device
+present, the best dtype it computes in), and one_line, an exception as one line of text.
 """
 import os
+import signal
 import sys
+
+import torch
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def default_device():
+    return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+
+
+def default_dtype():
+    if not torch.cuda.is_available():
+        return 'float32'
+    return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+
+
+def one_line(e):
+    """An exception as 'TypeName: first line of its message'."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def out_of_memory(e):
+    """A CUDA or host allocation that failed."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and any(s in str(e) for s in ("can't allocate memory", 'not enough memory')))
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def end_in_one_line(script, memory_advice, note=lambda: ''):
+    """Ctrl-C or SIGTERM, and running out of memory, end the script with one line on stderr instead
+    of a traceback: exit code 130 after an interrupt (note() may add what was kept), 1 out of memory,
+    with memory_advice (the settings that need less). Files being written are removed as the interrupt unwinds
+    (prepare.atomic_path), so nothing half-written is left. Under torchrun only rank 0 speaks."""
+    signal.signal(signal.SIGTERM, interrupt)
+
+    def hook(kind, e, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            msg, code = f"interrupted{note()}", 130
+        elif out_of_memory(e):
+            msg, code = f"out of memory ({one_line(e)}): {memory_advice}", 1
+        else:
+            return sys.__excepthook__(kind, e, tb)
+        if os.environ.get('RANK', '0') == '0':
+            print(f"{script}: {msg}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # an excepthook cannot end the process with a code of its own choosing otherwise
+    sys.excepthook = hook
 
 
 def usage_error(script, msg):
@@ -86,7 +141,6 @@ def file_prefixed(prefix):
 
 def device_exists():
     def ok(v):
-        import torch
         kind, _, index = v.partition(':')
         if kind == 'cpu':
             return not index
@@ -98,25 +152,18 @@ def device_exists():
         return False
 
     def allowed(flags):
-        import torch
         present = ['cpu'] + ([f'cuda:0..{torch.cuda.device_count() - 1}'] if torch.cuda.is_available() else []) \
             + (['mps'] if torch.backends.mps.is_available() else [])
         return f"no such device on this machine (present: {', '.join(present)})"
     return cross_rule(lambda v, flags: ok(v), allowed)
 
 
-def _cuda():
-    import torch
-    return torch.cuda.is_available()
-
-
-cuda_for_nccl = rule(lambda v: v != 'nccl' or _cuda(), "needs CUDA GPUs; use --backend=gloo to train on CPUs")
+cuda_for_nccl = rule(lambda v: v != 'nccl' or torch.cuda.is_available(), "needs CUDA GPUs; use --backend=gloo to train on CPUs")
 
 
 def dtype_supported(device_flag='device'):
     """float32, bfloat16 or float16, where the device of flags[device_flag] computes in it."""
     def ok(v, flags):
-        import torch
         if v not in ('float32', 'bfloat16', 'float16'):
             return False
         return not (v == 'bfloat16' and flags[device_flag].startswith('cuda') and torch.cuda.is_available()

@@ -2,11 +2,11 @@
 Hugging Face interop: a model trained here <-> a directory in the format transformers, vLLM and
 SGLang load for DeepSeek-V3 (sigmoid gating) and DeepSeek-V2 (softmax gating).
 
-    python hf.py export --out_dir=out --ckpt=best --hf_dir=hf-model [--max_shard_size=5GB]
-    python hf.py export --out_dir=out-lora --hf_dir=hf-model   # the base, and its adapters in hf-model/adapter
-    python hf.py import --hf_dir=hf-model --out_dir=out-imported
-    python hf.py import --hf_dir=hf-model --out_dir=out-imported --block_size=4096   # a shorter context
-    python hf.py random --hf_dir=v2-lite --preset=deepseek-v2-lite    # transformers, random bf16 weights
+    python convert.py export --out_dir=out --ckpt=best --hf_dir=hf-model [--max_shard_size=5GB]
+    python convert.py export --out_dir=out-lora --hf_dir=hf-model   # the base, and its adapters in hf-model/adapter
+    python convert.py import --hf_dir=hf-model --out_dir=out-imported
+    python convert.py import --hf_dir=hf-model --out_dir=out-imported --block_size=4096   # a shorter context
+    python convert.py random --hf_dir=v2-lite --preset=deepseek-v2-lite    # transformers, random bf16 weights
 
 The directory holds config.json, model.safetensors (or shards + model.safetensors.index.json),
 generation_config.json and the tokenizer (tokenizer.json + tokenizer_config.json). Names and layouts
@@ -16,17 +16,16 @@ directly, so sample.py/train.py take it wherever they take a checkpoint. A LoRA 
 base there (unmerged) and its adapters in PEFT's format in hf-model/adapter (adapter_config.json +
 adapter_model.safetensors): peft.PeftModel.from_pretrained(model, 'hf-model/adapter') applies them.
 """
-import argparse
 import json
 import os
-import re
-import sys
+from contextlib import contextmanager
 
 import torch
 
+from flags import one_line
 from lora import lora_modules, weight_name
 from model import TRAINING_FIELDS, ModelConfig, Transformer
-from prepare import HF_EOT, eot_of, gpt2_vocab_files, hf_tokenizer, write_json
+from prepare import HF_EOT, atomic_path, eot_of, gpt2_vocab_files, hf_tokenizer, remove_path, write_json
 
 EPS = 1e-6  # every RMSNorm here
 YARN_KEYS = {'factor': 'rope_scaling_factor', 'original_max_position_embeddings': 'rope_original_max_position',
@@ -42,14 +41,24 @@ TOP_NAMES = {'embed.weight': 'model.embed_tokens.weight', 'norm.weight': 'model.
              'head.weight': 'lm_head.weight'}
 MTP_NAMES = {'hnorm': 'hnorm', 'enorm': 'enorm', 'proj': 'eh_proj', 'norm': 'shared_head.norm'}
 STACKED = {'w1': 'gate_proj', 'w3': 'up_proj', 'w2': 'down_proj'}
+INDEX = 'model.safetensors.index.json'
+# config.json's fields read here, by the JSON type each must have; DeepSeek writes null for "none" in NULLABLE ones
+INTEGER, NUMBER, BOOLEAN, STRING, OBJECT = 'an integer', 'a number', 'true or false', 'a string', 'an object'
+REQUIRED = ('vocab_size', 'max_position_embeddings', 'num_hidden_layers', 'hidden_size', 'num_attention_heads',
+            'kv_lora_rank', 'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim', 'intermediate_size')
+OPTIONAL_SIZES = ('q_lora_rank', 'first_k_dense_replace', 'n_routed_experts', 'n_shared_experts', 'num_experts_per_tok',
+                  'moe_intermediate_size', 'n_group', 'topk_group')
+NULLABLE = OPTIONAL_SIZES + ('rope_scaling', 'rope_parameters')
+FIELD_TYPES = {**dict.fromkeys(REQUIRED + OPTIONAL_SIZES + ('num_nextn_predict_layers', 'moe_layer_freq'), INTEGER),
+               **dict.fromkeys(('routed_scaling_factor', 'rms_norm_eps', 'rope_theta'), NUMBER),
+               **dict.fromkeys(('tie_word_embeddings', 'attention_bias', 'mlp_bias', 'norm_topk_prob',
+                                'rope_interleave'), BOOLEAN),
+               **dict.fromkeys(('model_type', 'hidden_act', 'scoring_func', 'topk_method'), STRING),
+               'rope_scaling': OBJECT, 'rope_parameters': OBJECT}
 
 
 class HFError(ValueError):
     """A directory or config this project cannot read or represent; the message is one line."""
-
-
-def one_line(e):
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
 # -----------------------------------------------------------------------------
@@ -88,11 +97,27 @@ def hf_config(cfg: ModelConfig, tokenizer=None):
     return d, notes
 
 
+def is_json_type(value, kind):
+    """Whether a JSON value is of kind (true and false are no numbers here)."""
+    if isinstance(value, bool):
+        return kind == BOOLEAN
+    return isinstance(value, {INTEGER: int, NUMBER: (int, float), STRING: str, OBJECT: dict, BOOLEAN: bool}[kind])
+
+
 def model_config(d):
-    """config.json dict -> ModelConfig; a field this project cannot represent is refused by name."""
+    """config.json dict -> ModelConfig; a field this project cannot represent, or of the wrong JSON
+    type ("2048" or null for a size), is refused by name."""
     def need(ok, field, why):
         if not ok:
             raise HFError(f"config.json {field}={d.get(field)!r}: {why}")
+    if not isinstance(d, dict):
+        raise HFError(f"config.json is not a JSON object: {d!r:.40}")
+    for field in REQUIRED:
+        if field not in d:
+            raise HFError(f"config.json has no {field}")
+    for field, kind in FIELD_TYPES.items():
+        need(field not in d or is_json_type(d[field], kind) or d[field] is None and field in NULLABLE, field,
+             f"must be {kind}")
     kind = d.get('model_type')
     need(kind in ('deepseek_v3', 'deepseek_v2'), 'model_type', "only deepseek_v3 and deepseek_v2 are supported")
     need('quantization_config' not in d, 'quantization_config', "quantized (fp8) weights: dequantize to bf16 first")
@@ -147,9 +172,15 @@ def rope_args(d):
     unknown = sorted(set(rope) - (set(YARN_KEYS) if kind == 'yarn' else set()))
     if unknown:
         raise HFError(f"config.json {field}.{unknown[0]}: not a {kind} RoPE parameter this project supports")
+    for key, value in [('rope_theta', theta), *((f'{field}.{k}', v) for k, v in rope.items())]:
+        want = INTEGER if key.endswith('original_max_position_embeddings') else NUMBER
+        if value is not None and not is_json_type(value, want):
+            raise HFError(f"config.json {key}={value!r}: must be {want}")
     args = {'rope_theta': float(theta)}
     if kind == 'yarn':
         if rope.get('factor') is None:  # transformers' rule: the context ratio
+            if not rope.get('original_max_position_embeddings'):
+                raise HFError(f"config.json {field}: yarn needs a factor or original_max_position_embeddings")
             rope['factor'] = d['max_position_embeddings'] / rope['original_max_position_embeddings']
         args.update({ours: rope[k] for k, ours in YARN_KEYS.items() if rope.get(k) is not None})
     return args
@@ -255,7 +286,10 @@ def to_tokenizers(desc):
 def tokenizer_desc(path):
     """tokenizer.json -> prepare.py's description: 'char' or 'gpt2' when it is one of ours, else 'hf'."""
     from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(path)
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers' own errors: bad JSON, an unknown model type
+        raise HFError(f"cannot read {path} ({one_line(e)})") from None
     spec = json.loads(tok.to_str())
     vocab = spec['model'].get('vocab')
     if spec['model']['type'] == 'WordLevel':
@@ -270,13 +304,6 @@ def tokenizer_desc(path):
 # -----------------------------------------------------------------------------
 # export
 
-def parse_size(text):
-    m = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*', text.upper())
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected bytes or a size such as 500MB or 5GB")
-    return int(float(m.group(1)) * 1024 ** ' KMG'.index((m.group(2) or ' ')[0]))
-
-
 def plan_shards(tensors, max_bytes):
     shards, size = [[]], 0
     for name, t in tensors.items():
@@ -289,41 +316,96 @@ def plan_shards(tensors, max_bytes):
     return shards
 
 
+@contextmanager
+def write_errors(kinds):
+    """A library's own exception for a failed write (a full disk) raised as the OSError it stands for."""
+    try:
+        yield
+    except kinds as e:
+        raise OSError(one_line(e)) from None
+
+
 def save_safetensors(tensors, path):
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
-    save_file({n: t.contiguous() for n, t in tensors.items()}, f'{path}.tmp', metadata={'format': 'pt'})
-    os.replace(f'{path}.tmp', path)
+    with atomic_path(path) as tmp, write_errors(SafetensorError):
+        save_file({n: t.contiguous() for n, t in tensors.items()}, tmp, metadata={'format': 'pt'})
 
 
-def export(model, tokenizer, hf_dir, max_shard_size=5 * 1024 ** 3):
+def missing_root(path):
+    """The outermost directory on the way to path that does not exist yet (path itself, or one of its
+    parents), or None: what a write that fails after making path removes again."""
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        return None
+    while not os.path.lexists(os.path.dirname(path)):
+        path = os.path.dirname(path)
+    return path
+
+
+@contextmanager
+def replacing_dir(path):
+    """A new directory beside path (the same file system) to write into. When the block ends it takes
+    path's place whole (two renames: the old one aside, the new one in, then the old one removed);
+    if the block fails it is removed, with any parent made for it, and path is left as it was. A
+    reader never sees an old directory mixed with a new one, and a failed write loses nothing."""
+    path = os.path.normpath(path)
+    tmp, old = f'{path}.{os.getpid()}.tmp', f'{path}.{os.getpid()}.old'
+    existed, made = os.path.lexists(path), missing_root(os.path.dirname(os.path.abspath(path)))
+    try:
+        os.makedirs(tmp)
+        yield tmp
+        if existed:
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if existed:
+                os.rename(old, path)
+            raise
+    except BaseException as e:
+        remove_path(made or tmp)
+        if isinstance(e, OSError):
+            kept = f"{path} is as it was" if existed else "nothing was written"
+            raise OSError(f"cannot write {path} ({e.strerror or e}): {kept}") from None
+        raise
+    remove_path(old)
+
+
+def export(model, tokenizer, hf_dir, max_shard_size=5 * 1024 ** 3, adapter=None):
     """Write model + tokenizer as a DeepSeek-V3/V2 directory -> notes on what was dropped. A model
-    with LoRA adapters (load_model(fold_adapters=False)) writes its base: peft_adapter has the rest."""
+    with LoRA adapters (load_model(fold_adapters=False)) writes its base, and adapter, peft_adapter's
+    result for it, goes in hf_dir/adapter. The whole directory is written beside hf_dir and then
+    replaces it (replacing_dir): an earlier export there is never mixed with this one."""
     config, notes = hf_config(model.cfg, tokenizer)
+    adapter_json, adapter_notes, adapter_tensors = adapter or (None, [], None)
     tensors = hf_state_dict(model.state_dict(), model.cfg)
     config['torch_dtype'] = str(model.head.weight.dtype).removeprefix('torch.')
-    os.makedirs(hf_dir, exist_ok=True)
     shards = plan_shards(tensors, max_shard_size)
     files = ['model.safetensors'] if len(shards) == 1 else \
         [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
-    for file, names in zip(files, shards):
-        save_safetensors({n: tensors[n] for n in names}, os.path.join(hf_dir, file))
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        write_json({'metadata': {'total_size': total},
-                    'weight_map': {n: file for file, names in zip(files, shards) for n in names}},
-                   os.path.join(hf_dir, 'model.safetensors.index.json'))
-    write_json(config, os.path.join(hf_dir, 'config.json'))
-    write_json({'bos_token_id': config['bos_token_id'], 'eos_token_id': config['eos_token_id'],
-                'max_length': model.cfg.block_size}, os.path.join(hf_dir, 'generation_config.json'))
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, hf_dir, model.cfg.block_size)
-    return notes
+    with replacing_dir(hf_dir) as tmp:
+        for file, names in zip(files, shards):
+            save_safetensors({n: tensors[n] for n in names}, os.path.join(tmp, file))
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            write_json({'metadata': {'total_size': total},
+                        'weight_map': {n: file for file, names in zip(files, shards) for n in names}},
+                       os.path.join(tmp, INDEX))
+        write_json(config, os.path.join(tmp, 'config.json'))
+        write_json({'bos_token_id': config['bos_token_id'], 'eos_token_id': config['eos_token_id'],
+                    'max_length': model.cfg.block_size}, os.path.join(tmp, 'generation_config.json'))
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp, model.cfg.block_size)
+        if adapter is not None:
+            save_adapter(adapter_json, adapter_tensors, tmp)
+    return notes + adapter_notes
 
 
 def save_tokenizer(desc, hf_dir, max_length):
     tok, path = to_tokenizers(desc), os.path.join(hf_dir, 'tokenizer.json')
-    tok.save(f'{path}.tmp')
-    os.replace(f'{path}.tmp', path)
+    with atomic_path(path) as tmp, write_errors(Exception):  # tokenizers' errors are plain Exceptions
+        tok.save(tmp)
     special = {'bos_token': HF_EOT, 'eos_token': HF_EOT} if eot_of(desc) is not None else {}
     write_json({'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': max_length, **special},
                os.path.join(hf_dir, 'tokenizer_config.json'))
@@ -407,33 +489,76 @@ def adapter_config(lora_config, modules, parameters, base_dir):
     return config, notes
 
 
-def save_adapter(config, notes, tensors, hf_dir):
-    """Write peft_adapter's result in hf_dir/adapter -> what was written, one line."""
+def save_adapter(config, tensors, hf_dir):
+    """Write peft_adapter's config and tensors in hf_dir/adapter."""
     adapter_dir = os.path.join(hf_dir, ADAPTER_DIR)
     os.makedirs(adapter_dir, exist_ok=True)
     save_safetensors(tensors, os.path.join(adapter_dir, 'adapter_model.safetensors'))
     write_json(config, os.path.join(adapter_dir, 'adapter_config.json'))
+
+
+def adapter_summary(config, hf_dir):
+    """What export wrote for peft_adapter's config, one line."""
+    adapter_dir = os.path.join(hf_dir, ADAPTER_DIR)
     targets = ', '.join((config['target_modules'] or []) + (config['target_parameters'] or []))
-    dropped = f"; dropped: {'; '.join(notes)}" if notes else ''
     return (f"wrote {adapter_dir}: LoRA r={config['r']} on {targets} for the base in {hf_dir} "
-            f"(peft.PeftModel.from_pretrained(model, {adapter_dir!r})){dropped}")
+            f"(peft.PeftModel.from_pretrained(model, {adapter_dir!r}))")
 
 
 # -----------------------------------------------------------------------------
 # import
 
+def read_json(path):
+    """A JSON object from path; HFError naming the file if it is unreadable or not an object."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise HFError(f"cannot read {path} ({one_line(e)})") from None
+    if not isinstance(d, dict):
+        raise HFError(f"{path} is not a JSON object: {d!r:.40}")
+    return d
+
+
 def weight_files(hf_dir):
-    """-> {DeepSeek's tensor name: file}."""
+    """-> {DeepSeek's tensor name: file}. The index and the *.safetensors files present must agree: a
+    file it names that is missing, or one it does not name (a shard left by an earlier export), is
+    refused rather than read in part or silently ignored."""
     from safetensors import safe_open
-    index = os.path.join(hf_dir, 'model.safetensors.index.json')
+    present = sorted(n for n in os.listdir(hf_dir) if n.endswith('.safetensors'))
+    index = os.path.join(hf_dir, INDEX)
     if os.path.isfile(index):
-        with open(index) as f:
-            return {n: os.path.join(hf_dir, file) for n, file in json.load(f)['weight_map'].items()}
+        weight_map = read_json(index).get('weight_map')
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise HFError(f"{index} has no weight_map of tensor names to files")
+        named = sorted(set(weight_map.values()))
+        missing = [f for f in named if not os.path.isfile(os.path.join(hf_dir, f))]
+        if missing:
+            raise HFError(f"{hf_dir}: {INDEX} names {missing[0]}, which is missing: copy the whole directory again")
+        stale = sorted(set(present) - set(named))
+        if stale:
+            raise HFError(f"{hf_dir}: {stale[0]} is not in {INDEX} (left by an earlier export?): remove it "
+                          "or export into an empty directory")
+        return {n: os.path.join(hf_dir, f) for n, f in weight_map.items()}
+    if 'model.safetensors' not in present:
+        raise HFError(f"{hf_dir} has neither model.safetensors nor {INDEX}")
+    if len(present) > 1:
+        stale = next(n for n in present if n != 'model.safetensors')
+        raise HFError(f"{hf_dir}: {stale} beside model.safetensors and no {INDEX} (left by an earlier export?): "
+                      "remove it or export into an empty directory")
     single = os.path.join(hf_dir, 'model.safetensors')
-    if not os.path.isfile(single):
-        raise HFError(f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json")
-    with safe_open(single, 'pt') as f:
-        return {n: single for n in f.keys()}
+    try:
+        with safe_open(single, 'pt') as f:
+            return {n: single for n in f.keys()}
+    except Exception as e:  # safetensors' own errors: a truncated or foreign file
+        raise HFError(f"cannot read {single} ({one_line(e)})") from None
+
+
+def model_files(hf_dir):
+    """The files that make hf_dir's model, in a fixed order: what a checksum of it covers."""
+    index = os.path.join(hf_dir, INDEX)
+    return [os.path.join(hf_dir, 'config.json'), *([index] if os.path.isfile(index) else []),
+            *sorted(set(weight_files(hf_dir).values())), os.path.join(hf_dir, 'tokenizer.json')]
 
 
 def load_hf(hf_dir, device='cpu', dtype=None, block_size=None):
@@ -441,18 +566,8 @@ def load_hf(hf_dir, device='cpu', dtype=None, block_size=None):
     stream shard by shard into a model allocated once, in the files' dtype unless dtype is given.
     block_size caps the context (DeepSeek's configs say 163840; caches are sized by it)."""
     from safetensors import safe_open
-    try:
-        with open(os.path.join(hf_dir, 'config.json')) as f:
-            config = json.load(f)
-        files = weight_files(hf_dir)
-    except HFError:
-        raise
-    except Exception as e:  # unreadable JSON, safetensors' own errors
-        raise HFError(f"cannot read {hf_dir} ({one_line(e)})") from None
-    try:
-        cfg = model_config(config)
-    except KeyError as e:
-        raise HFError(f"config.json has no {e.args[0]}") from None
+    cfg = model_config(read_json(os.path.join(hf_dir, 'config.json')))
+    files = weight_files(hf_dir)
     if block_size:
         cfg.block_size = min(block_size, cfg.block_size)
     dropped = []
@@ -474,7 +589,12 @@ def load_hf(hf_dir, device='cpu', dtype=None, block_size=None):
         with safe_open(files[TOP_NAMES['embed.weight']], 'pt') as f:
             dtype = f.get_slice(TOP_NAMES['embed.weight']).get_dtype()
         dtype = {'BF16': torch.bfloat16, 'F16': torch.float16}.get(dtype, torch.float32)
-    model = meta_model(cfg).to(dtype).to_empty(device=device)  # allocated once, in its dtype
+    try:
+        model = meta_model(cfg).to(dtype).to_empty(device=device)  # allocated once, in its dtype
+    except (RuntimeError, MemoryError) as e:  # sizes in config.json past this machine's memory
+        raise HFError(f"cannot allocate the model {hf_dir}/config.json describes ({one_line(e)})") from None
+    if cfg.tie_embeddings:  # to_empty made the head a parameter of its own: the files hold only the embedding
+        model.head.weight = model.embed.weight
     state = model.state_dict()
     for name, t in state.items():
         if name.endswith('gate.bias'):
@@ -515,6 +635,7 @@ def random_dir(hf_dir, preset, dtype=torch.bfloat16):
     the GPU where there is one (15.7B normal draws take minutes on a CPU), weights N(0, 0.02) and
     norms 1, saved in 5GB shards with GPT-2's tokenizer."""
     import transformers
+    from safetensors import SafetensorError
     config = transformers.AutoConfig.for_model(**preset)
     with torch.device('meta'):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -526,53 +647,8 @@ def random_dir(hf_dir, preset, dtype=torch.bfloat16):
         for name, b in model.named_buffers():
             if name in saved:  # a router's selection bias
                 b.zero_()
-    model.save_pretrained(hf_dir, max_shard_size='5GB')
-    save_tokenizer({'kind': 'gpt2'}, hf_dir, config.max_position_embeddings)
+    with replacing_dir(hf_dir) as tmp:
+        with write_errors(SafetensorError):
+            model.save_pretrained(tmp, max_shard_size='5GB')
+        save_tokenizer({'kind': 'gpt2'}, tmp, config.max_position_embeddings)
     print(f"wrote {hf_dir}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters")
-
-
-# -----------------------------------------------------------------------------
-# command line
-
-def main(argv):
-    ap = argparse.ArgumentParser(prog='hf.py', description=__doc__.split('\n\n')[0].strip())
-    sub = ap.add_subparsers(dest='command', required=True)
-    ex = sub.add_parser('export', help='a checkpoint -> a Hugging Face directory')
-    ex.add_argument('--out_dir', required=True, help="train.py's out_dir (or a checkpoint file)")
-    ex.add_argument('--ckpt', default='latest', choices=['latest', 'best'])
-    ex.add_argument('--hf_dir', required=True)
-    ex.add_argument('--max_shard_size', default='5GB', type=parse_size,
-                    help='split model.safetensors past this size (e.g. 500MB)')
-    im = sub.add_parser('import', help='a Hugging Face directory -> a checkpoint sample.py and train.py read')
-    im.add_argument('--hf_dir', required=True)
-    im.add_argument('--out_dir', required=True)
-    im.add_argument('--block_size', type=int, default=0, help="cap the context (0 = the config's)")
-    rnd = sub.add_parser('random', help="transformers writes a DeepSeek-shaped model with random weights")
-    rnd.add_argument('--hf_dir', required=True)
-    rnd.add_argument('--preset', default='deepseek-v2-lite', choices=sorted(PRESETS))
-    args = ap.parse_args(argv)
-    if args.command == 'random':
-        return random_dir(args.hf_dir, PRESETS[args.preset])
-    from checkpoint import CheckpointError, load_model, save_checkpoint
-    try:
-        if args.command == 'export':
-            model, ckpt = load_model(args.out_dir, args.ckpt, fold_adapters=False)
-            adapter = peft_adapter(model, ckpt['lora']['config'], args.hf_dir) if 'lora' in ckpt else None
-            notes = export(model, ckpt['tokenizer'], args.hf_dir, args.max_shard_size)
-            print(f"wrote {args.hf_dir}; dropped: {'; '.join(notes)}")
-            if adapter:
-                print(save_adapter(*adapter, args.hf_dir))
-        else:
-            model, ckpt = load_model(args.hf_dir, block_size=args.block_size or None)
-            os.makedirs(args.out_dir, exist_ok=True)
-            path = os.path.join(args.out_dir, 'ckpt.pt')
-            save_checkpoint({'model': model.state_dict(), 'model_args': ckpt['model_args'],
-                             'tokenizer': ckpt['tokenizer']}, path)
-            print(f"wrote {path}" + (f"; dropped: {'; '.join(ckpt['dropped'])}" if ckpt['dropped'] else ''))
-    except (CheckpointError, HFError, OSError) as e:
-        print(f"hf.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-if __name__ == '__main__':
-    main(sys.argv[1:])

@@ -25,18 +25,14 @@ diagonal, alpha doubled: the same scale), as peft itself converts per-expert ada
 them needs transformers 5's fused layout (tested: peft 0.21.2); peft refuses dropout on
 target_parameters, so it is written as 0 (it only acts in training).
 
-    python lora.py merge --out_dir=out-lora --to=out-merged   # base + adapters -> a plain checkpoint
+    python convert.py merge --out_dir=out-lora --to=out-merged   # base + adapters -> a plain checkpoint
 """
-import argparse
 import math
-import os
-import sys
 import types
 
 import torch
 import torch.nn as nn
 
-from flags import usage_error
 from model import MoE, grouped_mm
 
 TARGETS = ('wq', 'wq_a', 'wq_b', 'wkv_a', 'wkv_b', 'wo', 'wqkv', 'w1', 'w2', 'w3')
@@ -142,34 +138,3 @@ def merged_state_dict(model):
 
 def num_trainable(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def merge_main(argv):
-    """python lora.py merge --out_dir=LORA_RUN [--ckpt=latest|best] --to=DIR: DIR/ckpt.pt is a
-    plain checkpoint (base + adapters folded), which needs neither the base nor this file."""
-    # the command line sits on top of checkpoint.py, which itself imports this file's functions
-    from checkpoint import CheckpointError, checkpoint_file, load_model, read_checkpoint, save_checkpoint
-    ap = argparse.ArgumentParser(prog='python lora.py merge', description=merge_main.__doc__.split(':')[0])
-    ap.add_argument('--out_dir', required=True, help='the LoRA run (or its checkpoint file)')
-    ap.add_argument('--ckpt', default='latest', choices=['latest', 'best'])
-    ap.add_argument('--to', required=True, help='directory for the merged ckpt.pt')
-    args = vars(ap.parse_args(argv))
-    try:
-        path = checkpoint_file(args['out_dir'], args['ckpt'])
-        if 'lora' not in read_checkpoint(path):
-            raise CheckpointError(f"{path} has no adapters: it is already a plain checkpoint")
-        model, ckpt = load_model(path)
-    except (CheckpointError, ValueError) as e:
-        sys.exit(f"lora.py: error: {e}")
-    os.makedirs(args['to'], exist_ok=True)
-    merged = {'model': model.state_dict(), 'model_args': ckpt['model_args'], 'tokenizer': ckpt['tokenizer'],
-              'merged_from': {'adapters': path, **ckpt['lora']}}
-    save_checkpoint(merged, os.path.join(args['to'], 'ckpt.pt'))
-    print(f"merged {path} into {os.path.join(args['to'], 'ckpt.pt')}")
-
-
-if __name__ == '__main__':
-    commands = {'merge': merge_main}
-    if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        usage_error('lora.py', f"usage: python lora.py {'|'.join(commands)} --out_dir=... --to=...")
-    commands[sys.argv[1]](sys.argv[2:])

@@ -375,7 +375,7 @@ class MLP(nn.Module):
 def top_k(x, k):
     """x.topk(k, -1) -> (values, indices). Under torch.compile as k argmax passes, which inductor fuses
     with the rest of the router into one kernel; torch.topk is a library call plus a sort there, and on
-    a GPU it cost more than the rest of the router together (issue 18's profile)."""
+    a GPU it cost more than the rest of the router together (notes/training.md, section 5)."""
     if not torch.compiler.is_compiling():
         return x.topk(k, -1)
     ids, picks, rest = torch.arange(x.size(-1), device=x.device), [], x
@@ -470,7 +470,7 @@ class MoE(nn.Module):
         not two plus an add over the T*k rows. Only when training under torch.compile, where inductor
         writes the cat in the weights' cast (or, on train.py's bf16 working copies, a copy of a few
         MB) and fuses the halves' SwiGLU and the gradient's cat; eager runs strided kernels there
-        (train_NOTES.md 8). A LoRA adapter on the experts (lora.py, which freezes them) keeps the
+        (notes/training.md 8). A LoRA adapter on the experts (lora.py, which freezes them) keeps the
         per-weight seam."""
         return torch.compiler.is_compiling() and self.w1.requires_grad
 

@@ -16,6 +16,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from flags import one_line
+
 # -----------------------------------------------------------------------------
 # pure-PyTorch references
 
@@ -86,9 +88,7 @@ def _load_extension():
                     extra_cflags=['-O3'],
                     extra_cuda_cflags=['-O3', f'-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}'])
     except Exception as e:  # no nvcc / CUDA_HOME, or a compile error: fall back, say so once
-        first_line = (str(e).strip().splitlines() or [''])[0]
-        warnings.warn(f'mla_moe: CUDA kernels not built, using the PyTorch references '
-                      f'({type(e).__name__}: {first_line})')
+        warnings.warn(f'mla_moe: CUDA kernels not built, using the PyTorch references ({one_line(e)})')
         return None
 
 

@@ -7,14 +7,12 @@ Sharded training, for models past one GPU's memory, on torch.distributed's own e
   (so already grouped by the rank that owns the expert), travel there with all_to_all_single and
   come back the same way; the rest of the model stays data-parallel (DDP) or FSDP.
 - Checkpoints of a sharded run: torch.distributed.checkpoint (DCP) directories, loadable under any
-  world size and parallelism, and `python parallel.py to_plain` for the single-file checkpoint that
-  sample.py, eval.py, serve.py and hf.py read.
+  world size and parallelism, and `python convert.py to_plain` for the single-file checkpoint that
+  sample.py, eval.py and serve.py read.
 The router's bias update and balance statistics stay global: train.py all-reduces the loads.
 """
-import argparse
 import os
 import shutil
-import sys
 
 import torch
 import torch.distributed as dist
@@ -26,8 +24,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import ops
-from checkpoint import FILES, SHARDED_FILES, save_checkpoint
-from model import ModelConfig, Transformer
+from checkpoint import SHARDED_FILES
+from prepare import atomic_path
 
 
 class ExpertParallel:
@@ -156,10 +154,8 @@ def relink(out_dir, which, name=None):
     link = os.path.join(out_dir, SHARDED_FILES[which])
     old = os.readlink(link) if os.path.islink(link) else None
     if name:
-        if os.path.lexists(link + '.tmp'):  # left by a crash
-            os.remove(link + '.tmp')
-        os.symlink(name, link + '.tmp')
-        os.replace(link + '.tmp', link)
+        with atomic_path(link) as tmp:
+            os.symlink(name, tmp)
     elif old:
         os.remove(link)
     held = [os.readlink(p) for p in (os.path.join(out_dir, n) for n in SHARDED_FILES.values()) if os.path.islink(p)]
@@ -186,32 +182,3 @@ def load_sharded(path, model, optimizer, sharding=None):
     if sharding:
         sharding.to_local(weights, optim)
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim)
-
-
-def to_plain_main(argv):
-    """python parallel.py to_plain --out_dir=RUN [--ckpt=latest|best]: RUN/ckpt.pt (or best.pt), the
-    single-file checkpoint (weights, optimizer, step) of RUN's sharded one, for sample.py and friends"""
-    ap = argparse.ArgumentParser(prog='python parallel.py to_plain', description=to_plain_main.__doc__.split(':')[0])
-    ap.add_argument('--out_dir', required=True, help='the sharded run')
-    ap.add_argument('--ckpt', default='latest', choices=['latest', 'best'])
-    args = vars(ap.parse_args(argv))
-    path = sharded_checkpoint(args['out_dir'], args['ckpt'])
-    if path is None:
-        where = os.path.join(args['out_dir'], SHARDED_FILES[args['ckpt']])
-        sys.exit(f"parallel.py: error: no sharded checkpoint at {where} (a run with --fsdp or --ep writes one)")
-    meta = read_sharded_meta(path)
-    model = Transformer(ModelConfig(**meta['model_args']))
-    c = meta['config']
-    optimizer = model.configure_optimizers(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']), 'cpu')
-    load_sharded(path, model, optimizer)
-    out = os.path.join(args['out_dir'], FILES[args['ckpt']])
-    save_checkpoint({**meta, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                     'rng': {'cpu': torch.get_rng_state(), 'cuda': None}}, out)
-    print(f"wrote {out} from {os.path.realpath(path)}")
-
-
-if __name__ == '__main__':
-    commands = {'to_plain': to_plain_main}
-    if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        sys.exit(f"usage: python parallel.py {'|'.join(commands)} --out_dir=...")
-    commands[sys.argv[1]](sys.argv[2:])

@@ -11,18 +11,24 @@ Tokenize a text corpus into uint16 token shards for train.py.
 
 Writes data/NAME/{train,val}_000.bin, ... and data/NAME/meta.json (plus data/NAME/tokenizer.json for
 a Hugging Face tokenizer, whose text meta.json also holds, so every checkpoint carries its tokenizer).
+A re-run writes the whole new dataset beside the old one and swaps it in only once it is complete: a
+failure or Ctrl-C on the way leaves the old one as it was. Other files in data/NAME are left alone.
 Shards use llm.c's format: 256 int32 header [magic, version, ntok, 0...], then ntok uint16.
 Instruction data also gets SPLIT_000.mask.bin beside each shard: the same header (magic
 MASK_MAGIC), then one uint8 per token: bit 0 (LOSS) = the token is part of a response and carries
 loss as a target, bit 1 (DOC_START) = the token starts an example (attention stays inside it).
 """
 import argparse
+import fnmatch
 import glob
 import hashlib
 import json
 import os
+import shutil
+import signal
 import sys
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from functools import lru_cache
 from importlib import resources
@@ -32,6 +38,8 @@ import tiktoken
 from tqdm import tqdm
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+from flags import end_in_one_line, one_line, usage_error
 
 SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 SHAKESPEARE_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
@@ -44,6 +52,10 @@ MASK_MAGIC, LOSS, DOC_START = 20240521, 1, 2
 SHAKESPEARE = {'shakespeare': 'gpt2', 'shakespeare_char': 'char'}  # NAME -> tokenizer
 DATASETS_EXTS = {'.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}
 HF_EOT = '<|endoftext|>'  # the special token a trained BPE gets (and SmolLM2's, GPT-2's)
+PREPARED = ('train_*.bin', 'val_*.bin', 'tokenizer.json', 'meta.json')  # what a run writes into data/NAME
+
+class UsageError(ValueError):
+    """A bad or contradictory flag: exit code 2, where bad data is 1."""
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -75,8 +87,7 @@ def hf_tokenizer(tokenizer_json):
     try:
         return Tokenizer.from_str(tokenizer_json)
     except Exception as e:  # the Rust side raises plain Exceptions
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"not a Hugging Face tokenizer.json ({why})") from None
+        raise ValueError(f"not a Hugging Face tokenizer.json ({one_line(e)})") from None
 
 def train_bpe(texts, vocab_size):
     """A byte-level BPE (GPT-2's scheme) trained on an iterable of texts -> its tokenizer.json text.
@@ -129,7 +140,132 @@ def check_vocab_size(vocab_size):
         raise ValueError(f"a vocabulary of {vocab_size} ids does not fit uint16 token shards (at most 65536)")
 
 # -----------------------------------------------------------------------------
+# files: every writer in the project writes through atomic_path
+
+@contextmanager
+def atomic_path(path):
+    """A temporary name beside path (the same file system) to write a file, link or directory to; it
+    is renamed onto path when the block ends, and removed if the block fails: a reader sees the old
+    version or the new one, never half of one, and a failed write leaves nothing behind."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        remove_path(tmp)
+        raise
+
+def remove_path(path):
+    """Removes a file, link or directory tree, if there is one."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+def writable_dir(path):
+    """Makes path a directory if it is not one yet and checks that files can be created in it, before
+    any work that would write there: OSError (its message one line) if not."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{path} is a file, not a directory")
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f'.write-test.{os.getpid()}')
+    try:
+        open(probe, 'x').close()
+    except OSError as e:
+        raise OSError(f"cannot write into {path} ({e.strerror})") from None
+    os.remove(probe)
+    return path
+
+def write_text(path, text):
+    with atomic_path(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
+
+def write_json(obj, path):
+    write_text(path, json.dumps(obj, indent=2))
+
+def nearest_dir(path):
+    """path, or the nearest directory above it that exists; NotADirectoryError where a file is in the way."""
+    while not os.path.isdir(path):
+        if os.path.lexists(path):
+            raise NotADirectoryError(f"{path} is a file, not a directory")
+        path = os.path.dirname(path) or '.'
+    return path
+
+def check_out(out):
+    """Refuses a dataset directory that could not be written (a file in the way, a read-only or full
+    file system) before any work, creating nothing: what exists of it and of its parent gets a probe."""
+    for d in dict.fromkeys([nearest_dir(os.path.dirname(out) or '.'), nearest_dir(out)]):
+        writable_dir(d)
+
+@contextmanager
+def signals_deferred():
+    """Ctrl-C and SIGTERM wait until the block is done, then reach their own handlers."""
+    got = []
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in got:
+            signal.raise_signal(s)
+
+def replace_prepared(new, out):
+    """Moves the dataset in directory new over the one in out. meta.json goes first and comes back
+    last, so a swap cut short leaves no dataset rather than old metadata over new shards; an earlier
+    run's extra shards go too (they would be read as data); the user's own files in out stay."""
+    names = set(os.listdir(new))
+    remove_path(os.path.join(out, 'meta.json'))
+    for n in os.listdir(out):
+        if n not in names and any(fnmatch.fnmatchcase(n, p) for p in PREPARED):
+            remove_path(os.path.join(out, n))
+    for n in sorted(names - {'meta.json'}) + ['meta.json']:
+        os.replace(os.path.join(new, n), os.path.join(out, n))
+
+@contextmanager
+def staged_dataset(out):
+    """A new directory beside out (the same file system) to write a whole dataset into; once the block
+    has run through, it takes out's place (replace_prepared where out exists). A failure or an
+    interrupt before then leaves out as it was, and the directory is removed either way."""
+    writable_dir(os.path.dirname(out) or '.')
+    tmp = f'{out}.{os.getpid()}.tmp'
+    try:
+        os.mkdir(tmp)
+        yield tmp
+        with signals_deferred():  # a handful of renames, not to be cut in half
+            if os.path.isdir(out):
+                replace_prepared(tmp, out)
+            else:
+                os.replace(tmp, out)
+    except OSError as e:  # a full disk fails a write with no file name: name the dataset
+        raise OSError(f"writing {out} failed ({e.strerror or one_line(e)})") from None
+    finally:
+        remove_path(tmp)
+
+# -----------------------------------------------------------------------------
 # shards
+
+def read_meta(data_dir):
+    """A prepared dataset's meta.json (tokenizer, vocab_size, token counts)."""
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no dataset at {data_dir}: run `python prepare.py {os.path.basename(data_dir)}` first")
+    try:
+        with open(path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({one_line(e)}): prepare the dataset again") from None
+    if not isinstance(meta, dict) or not {'tokenizer', 'vocab_size'} <= set(meta):
+        raise ValueError(f"{path}: not a prepare.py meta.json (no tokenizer or vocab_size): prepare the dataset again")
+    return meta
+
+def split_shards(data_dir, split):
+    """The token shards of a split, in order (their loss masks, SPLIT_NNN.mask.bin, are not shards)."""
+    paths = sorted(os.path.join(data_dir, n) for n in os.listdir(data_dir)
+                   if n.startswith(split + '_') and n.endswith('.bin') and not n.endswith('.mask.bin'))
+    if not paths:
+        raise ValueError(f"no {split} shards in {data_dir}: run `python prepare.py {os.path.basename(data_dir)}`")
+    return paths
 
 def write_shard(path, tokens, magic=MAGIC, dtype='<u2'):
     tokens = np.asarray(tokens)
@@ -137,11 +273,9 @@ def write_shard(path, tokens, magic=MAGIC, dtype='<u2'):
         raise ValueError(f"{path}: token ids must be in [0, 65535], got [{tokens.min()}, {tokens.max()}]")
     header = np.zeros(256, dtype='<i4')
     header[:3] = magic, VERSION, len(tokens)
-    tmp = f'{path}.tmp'  # write then rename, so a crash never leaves a half shard behind
-    with open(tmp, 'wb') as f:
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
         f.write(header.tobytes())
         f.write(tokens.astype(dtype).tobytes())
-    os.replace(tmp, path)
 
 def write_mask(path, flags):
     write_shard(path, flags, MASK_MAGIC, '<u1')
@@ -216,14 +350,12 @@ def sha256_files(paths):
                 h.update(block)
     return h.hexdigest()
 
-def shakespeare_text(args):
+def shakespeare_text(args, files):
     """The canonical tiny shakespeare: --input, else the cached copy, else a download."""
     cached = os.path.join(args.out_dir, 'tinyshakespeare', 'input.txt')
-    if len(args.input) > 1:
-        raise ValueError(f"{args.name} takes a single --input file, got {len(args.input)}")
-    path = args.input[0] if args.input else cached
-    if args.input and not os.path.isfile(path):
-        raise FileNotFoundError(f"--input {path}: no such file")
+    if len(files) > 1:
+        raise UsageError(f"{args.name} takes a single --input file, got {len(files)}")
+    path = files[0] if files else cached
     if os.path.exists(path):
         with open(path, 'rb') as f:
             raw = f.read()
@@ -241,9 +373,8 @@ def shakespeare_text(args):
                          f"({SHAKESPEARE_SHA256}); prepare other text under another NAME")
     if path == SHAKESPEARE_URL:  # cache the download for next time
         os.makedirs(os.path.dirname(cached), exist_ok=True)
-        with open(cached + '.tmp', 'wb') as f:
+        with atomic_path(cached) as tmp, open(tmp, 'wb') as f:
             f.write(raw)
-        os.replace(cached + '.tmp', cached)
     return decode_utf8(raw, path), sha
 
 def decode_utf8(raw, path):
@@ -302,8 +433,7 @@ def load_hf(args, files):
     def broken(e):
         """One line for a failure inside datasets: the file and line where we can find them."""
         bad = next(filter(None, map(bad_json_line, files)), None) if loader == 'json' else None
-        first = (str(e).strip().splitlines() or [''])[0]
-        return ValueError(bad or f"cannot read {', '.join(files) or args.hf} ({type(e).__name__}: {first})")
+        return ValueError(bad or f"cannot read {', '.join(files) or args.hf} ({one_line(e)})")
 
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a failure is told in one line, by broken()
@@ -333,21 +463,18 @@ def non_empty_texts(files):
     report_skipped(sum(t == '' for t in texts))
     return [t for t in texts if t]
 
-def load_corpus(args):
+def has_columns(args, files):
+    """Whether the corpus is a table (a hub dataset, json/jsonl/parquet files) whose --text_field is read."""
+    return args.format == 'text' and args.name not in SHAKESPEARE and \
+        bool(args.hf or any(os.path.splitext(f)[1] in DATASETS_EXTS for f in files))
+
+def load_corpus(args, files):
     """(tokenizer kind, list of texts or a datasets.Dataset, source sha256) for the command line."""
     if args.name in SHAKESPEARE:
-        kind = SHAKESPEARE[args.name]
-        if args.tokenizer not in (None, kind) or args.hf:
-            raise ValueError(f"{args.name} is tiny shakespeare with the {kind} tokenizer; use another NAME for other data")
-        text, sha = shakespeare_text(args)
-        return kind, [text], sha
-    if args.input and args.hf:
-        raise ValueError("pass either --input or --hf, not both")
-    if not (args.input or args.hf):
-        raise ValueError(f"no data for {args.name!r}: pass --input FILES or --hf DATASET")
-    files = expand_inputs(args.input)
+        text, sha = shakespeare_text(args, files)
+        return SHAKESPEARE[args.name], [text], sha
     sha = sha256_files(files) if files else None  # a hub dataset is named, not hashed
-    if args.hf or any(os.path.splitext(f)[1] in DATASETS_EXTS for f in files):
+    if has_columns(args, files):
         ds = load_hf(args, files)
         if len(ds) == 0:
             raise ValueError(f"empty corpus: {', '.join(files) or args.hf} holds no text in {args.text_field!r}")
@@ -376,14 +503,38 @@ def corpus_chars(corpus, field):
         chars.update(t)
     return ''.join(sorted(chars))
 
-def check_tokenizer_flag(args):
+def check_args(args):
+    """The flags alone and against each other, before anything is read: UsageError for a bad value,
+    or for flags that contradict each other or do nothing here, where a silent choice may be wrong."""
+    if not 0 < args.val_fraction < 1:
+        raise UsageError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if not 0 < args.shard_size < 2**31:  # the header stores the count as int32
+        raise UsageError(f"--shard_size must be in [1, 2**31), got {args.shard_size}")
     if args.tokenizer not in (None, 'gpt2', 'char', 'bpe') and not args.tokenizer.endswith('.json'):
-        raise ValueError(f"--tokenizer={args.tokenizer}: must be gpt2, char, bpe or a path to a tokenizer.json")
+        raise UsageError(f"--tokenizer={args.tokenizer}: must be gpt2, char, bpe or a path to a tokenizer.json")
+    if args.tokenizer and args.tokenizer_from:
+        raise UsageError("pass either --tokenizer or --tokenizer_from, not both")
+    if args.bpe_vocab_size is not None and args.tokenizer != 'bpe':
+        raise UsageError(f"--bpe_vocab_size={args.bpe_vocab_size} applies to --tokenizer=bpe only")
+    if args.bpe_vocab_size is not None and not 257 < args.bpe_vocab_size <= 2**16:
+        raise UsageError(f"--bpe_vocab_size={args.bpe_vocab_size}: must be in (257, 65536]: more than the 256 "
+                         f"bytes and <|endoftext|>, at most what uint16 token shards hold")
+    for flag in ('hf_config', 'hf_split'):
+        if getattr(args, flag) is not None and not args.hf:
+            raise UsageError(f"--{flag} applies to --hf datasets only")
+    if args.name in SHAKESPEARE:
+        kind = SHAKESPEARE[args.name]
+        if args.tokenizer not in (None, kind) or args.tokenizer_from or args.hf or args.format != 'text':
+            raise UsageError(f"{args.name} is tiny shakespeare text with the {kind} tokenizer; "
+                             f"use another NAME for other data or tokenizers")
+    elif args.input and args.hf:
+        raise UsageError("pass either --input or --hf, not both")
+    elif args.format != 'text' and not args.input:
+        raise UsageError(f"--format={args.format} reads jsonl files: pass --input FILES")
+    elif not (args.input or args.hf):
+        raise UsageError(f"no data for {args.name!r}: pass --input FILES or --hf DATASET")
     if args.tokenizer and args.tokenizer.endswith('.json') and not os.path.isfile(args.tokenizer):
         raise FileNotFoundError(f"--tokenizer={args.tokenizer}: no such file")
-    if args.tokenizer == 'bpe' and not 257 < args.bpe_vocab_size <= 2**16:
-        raise ValueError(f"--bpe_vocab_size={args.bpe_vocab_size}: must be in (257, 65536]: more than the 256 "
-                         f"bytes and <|endoftext|>, at most what uint16 token shards hold")
 
 def tokenizer_desc(kind, corpus, args):
     """meta.json's tokenizer description; a Hugging Face tokenizer is stored whole, as its json text."""
@@ -396,14 +547,6 @@ def tokenizer_desc(kind, corpus, args):
     tokenizer_json = Path(kind).read_text(encoding='utf-8')
     hf_tokenizer(tokenizer_json)  # fail now, not after tokenizing, on a file that is no tokenizer
     return {'kind': 'hf', 'json': tokenizer_json}
-
-def write_text(path, text):
-    with open(f'{path}.tmp', 'w', encoding='utf-8') as f:
-        f.write(text)
-    os.replace(f'{path}.tmp', path)
-
-def write_json(obj, path):
-    write_text(path, json.dumps(obj, indent=2))
 
 def num_val(n_docs, val_fraction):
     return min(n_docs - 1, max(1, round(n_docs * val_fraction)))  # at least one doc each side
@@ -506,27 +649,30 @@ def sft_window(tokens, flags):
     y = np.where(flags[..., 1:] & LOSS, tokens[..., 1:], -1)  # [..., T + 1]: windows side by side too
     return tokens[..., :-1], y, np.cumsum(flags[..., :-1] & DOC_START > 0, axis=-1)
 
-def write_instruction_splits(out, convs, encode, eot, args):
-    """Token shards and their masks; val is the last val_fraction of the examples."""
+def tokenize_instructions(convs, encode, eot, args):
+    """{'train': [(tokens, flags)], 'val': ...}; val is the last val_fraction of the examples. A split
+    in which no token carries loss would train or evaluate on nothing: refused."""
     pairs = [tokenize_conversation(m, encode, eot) for m in convs]
     n_val = num_val(len(pairs), args.val_fraction)
-    counts = {}
-    for split, part in (('train', pairs[:-n_val]), ('val', pairs[-n_val:])):
-        counts[split] = write_split(out, split, [t for t, _ in part], args.shard_size)
-        write_split(out, split, [f for _, f in part], args.shard_size, '.mask.bin', write_mask)
-    return counts
+    splits = {'train': pairs[:-n_val], 'val': pairs[-n_val:]}
+    for split, part in splits.items():
+        if not any(f & LOSS for _, flags in part for f in flags):
+            raise ValueError(f"--format={args.format}: none of the {len(part)} {split} example(s) has an assistant "
+                             f"turn, so nothing in {split} carries loss")
+    return splits
 
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
     ap.add_argument('name', help='dataset name; output goes to OUT_DIR/NAME')
     ap.add_argument('--input', nargs='+', default=[], help='text files or globs (one document each), or json/jsonl/parquet')
     ap.add_argument('--hf', help='Hugging Face hub dataset name')
+    # the flags that are refused where they do nothing default to None, to tell; their defaults come below
     ap.add_argument('--hf_config', default=None)
-    ap.add_argument('--hf_split', default='train')
-    ap.add_argument('--text_field', default='text')
+    ap.add_argument('--hf_split', default=None, help='default: train')
+    ap.add_argument('--text_field', default=None, help='the column of json/jsonl/parquet or --hf data (default: text)')
     ap.add_argument('--tokenizer', default=None,
                     help='gpt2 (default), char, bpe (trained on the corpus), or PATH/tokenizer.json')
-    ap.add_argument('--bpe_vocab_size', type=int, default=20000, help='vocabulary of --tokenizer=bpe')
+    ap.add_argument('--bpe_vocab_size', type=int, default=None, help='vocabulary of --tokenizer=bpe (default: 20000)')
     ap.add_argument('--tokenizer_from', default=None,
                     help="a dataset dir or meta.json whose tokenizer to reuse (fine-tuning a model trained on it)")
     ap.add_argument('--format', choices=['text', 'alpaca', 'chat'], default='text',
@@ -536,46 +682,52 @@ def main(argv):
     ap.add_argument('--num_proc', type=int, default=max(1, (os.cpu_count() or 2) // 2))
     ap.add_argument('--out_dir', default='data')
     args = ap.parse_args(argv)
-    if not 0 < args.val_fraction < 1:
-        raise ValueError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
-    if not 0 < args.shard_size < 2**31:  # the header stores the count as int32
-        raise ValueError(f"--shard_size must be in [1, 2**31), got {args.shard_size}")
-    check_tokenizer_flag(args)
+    check_args(args)
+    out = os.path.join(args.out_dir, args.name)
+    check_out(out)
+    files = expand_inputs(args.input)
+    if args.text_field is not None and not has_columns(args, files):
+        raise UsageError("--text_field names the column of json/jsonl/parquet files or an --hf dataset; this input has none")
+    for flag, default in (('hf_split', 'train'), ('text_field', 'text'), ('bpe_vocab_size', 20000)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
 
     if args.format != 'text':
-        files = expand_inputs(args.input) if args.input and not args.hf else []
-        if not files:
-            raise ValueError(f"--format={args.format} reads jsonl files: pass --input FILES")
         convs, source_sha = read_conversations(files, args.format), sha256_files(files)
         kind, corpus = args.tokenizer or 'gpt2', [chat_template(m) for m in convs]
     else:
-        kind, corpus, source_sha = load_corpus(args)
+        kind, corpus, source_sha = load_corpus(args, files)
     desc = tokenizer_from(args.tokenizer_from) if args.tokenizer_from else tokenizer_desc(kind, corpus, args)
     check_vocab_size(vocab_size_of(desc))
     encode, _ = get_tokenizer(desc)
     # documents start with <|endoftext|> where the tokenizer has one, except in nanoGPT's shakespeare
     eot = [eot_of(desc)] if eot_of(desc) is not None and args.name not in SHAKESPEARE else []
+    instructions = args.format != 'text'
+    splits = tokenize_instructions(convs, encode, eot, args) if instructions else tokenize(corpus, encode, eot, args)
 
-    out = os.path.join(args.out_dir, args.name)
-    os.makedirs(out, exist_ok=True)
-    for old in glob.glob(os.path.join(out, 'train_*.bin')) + glob.glob(os.path.join(out, 'val_*.bin')):
-        os.remove(old)  # shards (and masks) of an earlier, larger run would otherwise be read as data
-    if args.format != 'text':
-        counts = write_instruction_splits(out, convs, encode, eot, args)
-    else:
-        splits = tokenize(corpus, encode, eot, args)
-        counts = {split: write_split(out, split, docs, args.shard_size) for split, docs in splits.items()}
-    meta = {'tokenizer': desc, 'vocab_size': vocab_size_of(desc), 'train_tokens': counts['train'][0],
-            'val_tokens': counts['val'][0], 'source_sha256': source_sha}
-    if desc['kind'] == 'hf':
-        write_text(os.path.join(out, 'tokenizer.json'), desc['json'])
-    write_text(os.path.join(out, 'meta.json'), json.dumps(meta, indent=2))
+    with staged_dataset(out) as tmp:  # the old dataset stays as it is until the new one is complete
+        counts = {}
+        for split, docs in splits.items():
+            if instructions:
+                counts[split] = write_split(tmp, split, [t for t, _ in docs], args.shard_size)
+                write_split(tmp, split, [f for _, f in docs], args.shard_size, '.mask.bin', write_mask)
+            else:
+                counts[split] = write_split(tmp, split, docs, args.shard_size)
+        meta = {'tokenizer': desc, 'vocab_size': vocab_size_of(desc), 'train_tokens': counts['train'][0],
+                'val_tokens': counts['val'][0], 'source_sha256': source_sha}
+        if desc['kind'] == 'hf':
+            write_text(os.path.join(tmp, 'tokenizer.json'), desc['json'])
+        write_json(meta, os.path.join(tmp, 'meta.json'))
     for split, (ntok, nshards) in counts.items():
         print(f"{split}: {ntok:,} tokens in {nshards} shard(s)")
-    print(f"vocab: {meta['vocab_size']:,} ({kind}); wrote {out}")
+    source = f"{desc['kind']} from {args.tokenizer_from}" if args.tokenizer_from else kind
+    print(f"vocab: {meta['vocab_size']:,} ({source}); wrote {out}")
 
 if __name__ == '__main__':
+    end_in_one_line('prepare.py', 'lower --shard_size')  # Ctrl-C, SIGTERM: one line, exit code 130
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+    except UsageError as e:
+        usage_error('prepare.py', e)
+    except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"prepare.py: error: {e}")

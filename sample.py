@@ -10,8 +10,8 @@ import time
 import torch
 
 from checkpoint import CheckpointError, load_model
-from flags import (boolean, check_flags, device_exists, dtype_supported, file_prefixed, fraction, non_empty,
-                   non_negative, one_of, positive)
+from flags import (DTYPES, boolean, check_flags, default_device, default_dtype, device_exists, dtype_supported,
+                   end_in_one_line, file_prefixed, fraction, non_empty, non_negative, one_of, positive)
 from engine import Engine, SamplingParams
 from prepare import get_tokenizer
 
@@ -26,8 +26,8 @@ top_k = 200              # 0 = off
 top_p = 1.0              # 1.0 = off
 cache_mode = 'latent'    # 'latent' (absorbed MLA) or 'naive' (per-head K/V); MHA models use 'naive'
 seed = 1337
-device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
+device = default_device()
+dtype = default_dtype()
 cuda_graphs = True     # capture the decode step on CUDA
 speculative = True     # draft with the MTP module where the checkpoint has one
 compile = False        # torch.compile the decode step before its graph is captured: faster steps, slower start
@@ -41,6 +41,7 @@ check_flags('sample.py', globals(), {
     'device': device_exists(), 'dtype': dtype_supported(), 'cuda_graphs': boolean, 'speculative': boolean,
     'compile': boolean,
 })
+end_in_one_line('sample.py', 'lower --num_samples or --max_new_tokens')
 # -----------------------------------------------------------------------------
 
 
@@ -61,7 +62,7 @@ except (CheckpointError, ValueError) as e:
     fail(e)
 
 torch.manual_seed(seed)
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ptdtype = DTYPES[dtype]
 # the whole model in the inference dtype: the cache and the decode kernel then share it
 model.to(device=device, dtype=ptdtype)
 

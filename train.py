@@ -9,10 +9,10 @@ Sharded (parallel.py), for models past one GPU's memory: FSDP2, and the routed e
 $ torchrun --standalone --nproc_per_node=8 train.py config/train_scale.py --fsdp=True --ep=4
 Every global below can be set by a config file or --key=value (configurator.py).
 """
+import glob
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -30,14 +30,16 @@ import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (RESUMABLE, CheckpointError, check_model_args, checkpoint_file, load_model,
-                        load_with_adapters, lora_checkpoint_fields, read_checkpoint, save_checkpoint)
-from flags import (at_most, below, boolean, check_flags, cross_rule, cuda_for_nccl, device_exists, divides,
-                   divides_world_size, dtype_supported, less_than, needs_torchrun, non_empty, non_negative, one_of,
-                   positive, rule)
+                        load_with_adapters, lock_dir, lora_checkpoint_fields, read_checkpoint, run_files,
+                        save_checkpoint)
+from flags import (DTYPES, at_most, below, boolean, check_flags, cross_rule, cuda_for_nccl, default_device,
+                   default_dtype, device_exists, divides, divides_world_size, dtype_supported, end_in_one_line,
+                   less_than, needs_torchrun, non_empty, non_negative, one_line, one_of, positive, rule)
 from lora import add_lora, lora_state_dict, num_trainable
 from model import ModelConfig, Transformer, padded_vocab
 from parallel import Sharding, load_sharded, read_sharded_meta, relink, save_sharded, sharded_checkpoint
-from prepare import DOC_START, mask_path, read_mask, read_shard, read_windows
+from prepare import (DOC_START, atomic_path, mask_path, read_mask, read_meta, read_shard, read_windows, remove_path, split_shards,
+                     writable_dir, write_text)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -80,8 +82,8 @@ muon_lr = 0.0        # 0: learning_rate (Muon's update is scaled to AdamW's size
 muon_momentum = 0.95
 # system: the best device present and what it supports
 backend = 'nccl' if torch.cuda.is_available() else 'gloo'
-device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
+device = default_device()
+dtype = default_dtype()
 compile = torch.cuda.is_available()
 # torch.compile's mode: 'reduce-overhead' replays forward and backward as CUDA graphs (the MoE's shapes
 # are static). 'auto': that on one GPU with one micro-step per step (with several, a replay overwrote
@@ -89,7 +91,7 @@ compile = torch.cuda.is_available()
 compile_mode = 'auto'
 activation_checkpointing = False  # recompute each block's activations in the backward: less memory
 cast_weights_once = True  # several micro-steps in bf16/fp16 on one process: the matmul weights' copies in
-                          # that dtype are made once a step, not in every micro-step (train_NOTES.md 13)
+                          # that dtype are made once a step, not in every micro-step (notes/training.md 13)
 memory_limit_gib = 0.0  # CUDA only: cap this process's allocations (torch.cuda.set_per_process_memory_fraction),
                         # an out-of-memory error past it, as on a smaller GPU; 0 = off
 # sharding under torchrun (parallel.py); neither: DDP, every rank holding the whole model
@@ -131,6 +133,15 @@ check_flags('train.py', globals(), {
     'memory_limit_gib': [non_negative, cross_rule(lambda v, f: not v or f['device'].startswith('cuda'),
                                                   "needs a CUDA device: it caps the CUDA memory allocator (0 = off)")],
 })
+saved = None  # (path, step) of the newest checkpoint on disk: what a failure or an interrupt leaves
+
+
+def kept():
+    return f"; {saved[0]} (step {saved[1]}) is intact" if saved else ''
+
+
+end_in_one_line('train.py', 'lower --batch_size (more --gradient_accumulation_steps keep the step), --block_size, '
+                'or set --activation_checkpointing=True', note=kept)
 if compile_mode == 'auto':
     one_gpu_step = 'cuda' in device and 'RANK' not in os.environ and gradient_accumulation_steps == 1
     compile_mode = 'reduce-overhead' if one_gpu_step else 'default'
@@ -158,11 +169,10 @@ if gradient_accumulation_steps % world_size:
 # data and model settings, checked before anything is written: token shards from prepare.py
 
 data_dir = os.path.join('data', dataset)
-meta_path = os.path.join(data_dir, 'meta.json')
-if not os.path.exists(meta_path):
-    fail(f"no dataset at {data_dir}: run `python prepare.py {dataset}` first")
-with open(meta_path) as f:
-    meta = json.load(f)
+try:
+    meta = read_meta(data_dir)
+except (OSError, ValueError) as e:
+    fail(e)
 
 
 def checkpoint_path(name):
@@ -184,6 +194,18 @@ def architecture_from(ckpt_args):
         fail(e, 2)
 
 
+def check_lora_flags(lora_run):
+    """A resumed run keeps its adapters: LoRA flags set to anything else are refused by name."""
+    recorded = {} if lora_run is None else {'lora_rank': lora_run['config']['rank'], 'lora_alpha': lora_run['config']['alpha'],
+                                            'lora_dropout': lora_run['config']['dropout'],
+                                            'lora_targets': ','.join(lora_run['config']['targets'])}
+    for flag in sorted(__flags_given__ & {'lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets'}):
+        if globals()[flag] != recorded.get(flag, 0 if flag == 'lora_rank' else globals()[flag]):
+            had = f"its {recorded[flag]!r}" if recorded else "no adapters"
+            fail(f"--init_from=resume: --{flag}={globals()[flag]!r}, but {checkpoint_path('ckpt.pt')} has {had}: "
+                 f"a run resumes as it was trained (drop --{flag})", 2)
+
+
 sharded = fsdp or ep > 1
 sharded_ckpt = sharded_checkpoint(out_dir) if init_from == 'resume' else None  # DCP: any world size
 if init_from == 'resume':
@@ -197,13 +219,18 @@ if init_from == 'resume':
         fail(f"--init_from=resume: {e}")
     model_args = architecture_from(checkpoint['model_args'])
     iter_num, best_val_loss, lora_run = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint.get('lora')
+    saved = (sharded_ckpt or checkpoint_path('ckpt.pt'), iter_num)
+    if checkpoint['tokenizer'] != meta['tokenizer']:
+        fail(f"--init_from=resume: {data_dir} was tokenized with another tokenizer than {out_dir}'s run "
+             f"(which trained on --dataset={checkpoint['config'].get('dataset')!r}): resume on that data", 2)
+    check_lora_flags(lora_run)
     if max_iters <= iter_num and not eval_only:
         print(f"nothing to do: {checkpoint_path('ckpt.pt')} is at step {iter_num} and --max_iters={max_iters}")
         sys.exit(0)
 else:
-    run_files = [n for n in ('ckpt.pt', 'best.pt', 'ckpt.dcp', 'log.jsonl') if os.path.lexists(checkpoint_path(n))]
-    if run_files and not overwrite:
-        fail(f"--out_dir={out_dir!r} already holds a run ({', '.join(run_files)}): resume it with --init_from=resume, "
+    held = run_files(out_dir)
+    if held and not overwrite:
+        fail(f"--out_dir={out_dir!r} already holds a run ({', '.join(held)}): resume it with --init_from=resume, "
              f"pick another out_dir, or pass --overwrite=True to replace it", 2)
 if init_from.startswith(('ckpt:', 'hf:')):  # a new run from trained weights
     source = init_from.split(':', 1)[1]
@@ -234,9 +261,8 @@ config.update(model_args)     # the checkpoint records what this run actually us
 
 
 def shard_paths(split):
-    paths = sorted(os.path.join(data_dir, n) for n in os.listdir(data_dir)
-                   if n.startswith(split + '_') and n.endswith('.bin') and not n.endswith('.mask.bin'))
     try:
+        paths = split_shards(data_dir, split)
         lengths = [len(read_shard(p)) for p in paths]
     except ValueError as e:
         fail(e)
@@ -265,9 +291,33 @@ def doc_starts(paths):
 
 shards = {split: shard_paths(split) for split in ('train', 'val')}
 
+
+def keep_log_until(step):
+    """A resumed run's log.jsonl without what it logs again (its checkpoint's step and after, which an
+    interrupted run may have logged too) and without a last line cut short by a kill."""
+    try:
+        with open(checkpoint_path('log.jsonl'), encoding='utf-8') as f:
+            lines = f.read().splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            if line.endswith('\n') and json.loads(line)['iter'] < step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    write_text(checkpoint_path('log.jsonl'), ''.join(kept))
+
 # -----------------------------------------------------------------------------
 # processes and devices
 
+if ddp and backend == 'nccl' and int(os.environ.get('LOCAL_WORLD_SIZE', 1)) > torch.cuda.device_count():
+    if int(os.environ.get('LOCAL_RANK', 0)) == 0:  # every process stops; one says why
+        print(f"train.py: error: {os.environ.get('LOCAL_WORLD_SIZE')} processes on this node and "
+              f"{torch.cuda.device_count()} GPU(s): run torchrun with --nproc_per_node={torch.cuda.device_count()} "
+              f"or fewer, or train on CPUs with --device=cpu --backend=gloo", file=sys.stderr)
+    sys.exit(2)
 if ddp:
     dist.init_process_group(backend=backend)
     rank = dist.get_rank()
@@ -289,19 +339,24 @@ if memory_limit_gib:  # before the first allocation, so the cap holds for the wh
     torch.cuda.set_per_process_memory_fraction(memory_limit_gib / device_gib, gpu)
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 if master:
+    try:  # one run at a time in an out_dir: the lock is held until this process ends
+        out_dir_lock = lock_dir(writable_dir(out_dir))
+    except (OSError, CheckpointError) as e:
+        fail(f"--out_dir={out_dir!r}: {e}", 2)
+    for name in glob.glob(checkpoint_path('*.tmp')):  # left by a process that was killed mid-write
+        remove_path(name)
     if init_from != 'resume':  # a new run starts clean: an old log.jsonl or tb/ would be appended to
-        for name in ('ckpt.pt', 'best.pt', 'log.jsonl', 'loss.png', 'expert_load.png'):
-            if os.path.exists(checkpoint_path(name)):
-                os.remove(checkpoint_path(name))
-        shutil.rmtree(checkpoint_path('tb'), ignore_errors=True)
+        for name in ('ckpt.pt', 'best.pt', 'log.jsonl', 'loss.png', 'expert_load.png', 'tb'):  # .dcp: relink
+            remove_path(checkpoint_path(name))
         for which in ('latest', 'best'):
             relink(out_dir, which)
-    os.makedirs(out_dir, exist_ok=True)
+    else:
+        keep_log_until(iter_num)
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes)")
 torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ptdtype = DTYPES[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 
@@ -311,7 +366,10 @@ def get_batch(split, rng):
     exactly. Instruction data: windows start at an example, targets outside responses are -1 (no
     loss), and doc_ids [B, T] keep attention inside each packed example; plain text: doc_ids None."""
     paths, ends, starts_of_docs = shards[split]
-    windows = read_windows(paths, ends, rng.integers(0, ends[-1], size=batch_size), block_size + 1, starts_of_docs)
+    try:
+        windows = read_windows(paths, ends, rng.integers(0, ends[-1], size=batch_size), block_size + 1, starts_of_docs)
+    except (OSError, ValueError, IndexError) as e:
+        fail(f"{data_dir} changed under the run ({one_line(e)}): prepare it again and resume")
     if starts_of_docs is None:  # [B, T + 1] tokens, one copy to the device
         batch = to_device(windows)
         return batch[:, :-1], batch[:, 1:], None
@@ -427,6 +485,14 @@ def add_copy_gradients():
             c.grad = None
 
 
+def on_disk(write, *args):
+    """write(*args); a write that fails (a full disk, a read-only place) ends the run in one line."""
+    try:
+        write(*args)
+    except OSError as e:
+        fail(f"cannot write into {out_dir} ({e.strerror or one_line(e)}){kept()}")
+
+
 def save_run(name):
     """Plain: rank 0 writes out_dir/name. Sharded: every rank writes its part of a DCP directory."""
     which = 'best' if name == 'best.pt' else 'latest'
@@ -505,7 +571,8 @@ def plot_losses():
         ax.plot([r['iter'] for r in evals], [r[split] for r in evals], marker='o', label=f'{split} (eval)')
     ax.set(xlabel='iteration', ylabel='cross-entropy', title=f'{dataset}: {out_dir}')
     ax.legend()
-    fig.savefig(os.path.join(out_dir, 'loss.png'), dpi=100, bbox_inches='tight')
+    with atomic_path(os.path.join(out_dir, 'loss.png')) as tmp:
+        fig.savefig(tmp, format='png', dpi=100, bbox_inches='tight')
     plt.close(fig)
 
 
@@ -524,7 +591,8 @@ def plot_expert_load():
         ax.set(ylabel=f'MoE layer {i}\nexpert')
     axes[-1, 0].set(xlabel='iteration')
     fig.colorbar(im, ax=axes[:, 0], label='load / fair share')
-    fig.savefig(os.path.join(out_dir, 'expert_load.png'), dpi=100, bbox_inches='tight')
+    with atomic_path(os.path.join(out_dir, 'expert_load.png')) as tmp:
+        fig.savefig(tmp, format='png', dpi=100, bbox_inches='tight')
     plt.close(fig)
 
 
@@ -564,7 +632,7 @@ while True:
             fail(f"eval loss is {losses} at step {iter_num}: stopping; the last good checkpoint is untouched")
         if master:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log({'kind': 'eval', 'iter': iter_num, **losses, 'lr': lr})
+            on_disk(log, {'kind': 'eval', 'iter': iter_num, **losses, 'lr': lr})
             if tb:
                 for split, value in losses.items():
                     tb.add_scalar(f'eval/{split}', value, iter_num)
@@ -574,14 +642,15 @@ while True:
         improved = losses['val'] < best_val_loss  # the same on every rank: the losses are all-reduced
         best_val_loss = min(best_val_loss, losses['val'])
         if iter_num > start_iter and (improved or always_save_checkpoint):
-            save_run('ckpt.pt')
+            on_disk(save_run, 'ckpt.pt')
             if improved:
-                save_run('best.pt')
+                on_disk(save_run, 'best.pt')
+            saved = (sharded_checkpoint(out_dir) if sharded else checkpoint_path('ckpt.pt'), iter_num)
             if master:
                 print(f"saved checkpoint to {out_dir}")
         if iter_num > start_iter and master:
-            plot_losses()
-            plot_expert_load()
+            on_disk(plot_losses)
+            on_disk(plot_expert_load)
         t0, timed_steps = time.time(), 0
     if iter_num == max_iters or eval_only:
         break
@@ -640,7 +709,7 @@ while True:
               f"load max/mean {imbalance:.2f}" + (f", peak mem {peak_gib:.2f} GiB" if peak_gib else ''))
         record = {'loss': lossf, **parts, 'lr': lr, 'ms': dt * 1000, 'tokens_per_sec': tokens_per_sec, 'mfu': mfu,
                   'grad_norm': grad_norm.item(), 'load_imbalance': imbalance, 'peak_gib': peak_gib}
-        log({'kind': 'train', 'iter': iter_num, **record,
+        on_disk(log, {'kind': 'train', 'iter': iter_num, **record,
              'load': None if shares is None else shares.round(5).tolist()})
         if tb:
             for name, value in record.items():

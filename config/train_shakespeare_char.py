@@ -3,7 +3,7 @@
 # parameters in all, 10.33M active, overfit 1M characters fast. A sweep (3 seeds a variant) picked
 # weight decay 5.0, dropout 0.15 and 7 layers at batch 32. Batch 128 for 600 steps at 2.7x the
 # learning rate: at batch 32 this model is too small to keep an H100 busy (1.0M tokens/s there
-# against 1.58M here); the best val loss is ~0.004-0.008 higher on average (train_NOTES.md 9, 10).
+# against 1.58M here); the best val loss is ~0.004-0.008 higher on average (notes/training.md 9, 10).
 out_dir = 'out-shakespeare-char'
 dataset = 'shakespeare_char'
 eval_interval = 50

@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device call: build the extension, run the GPU tests, then the benchmark; logs land in $OUT.
+# Builds the extension, runs the kernel tests, then the kernel benchmark; logs go to $OUT (default /tmp/mla_moe_out).
 # $ bash csrc/run_gpu.sh [bench.py args]
 set -o pipefail
 export PYTHONUNBUFFERED=1 MAX_JOBS=16

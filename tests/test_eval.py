@@ -95,7 +95,7 @@ def work(tmp_path_factory):
 
 
 def run_eval(cwd, *args):
-    return subprocess.run([sys.executable, str(REPO / 'eval.py'), *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(REPO / 'eval.py'), '--device=cpu', '--dtype=float32', *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1', 'HF_DATASETS_OFFLINE': '1',
                                             'HF_HUB_OFFLINE': '1'})
 

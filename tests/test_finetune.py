@@ -18,7 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_finetune import answers, chat, exact_match, write_chats  # noqa: E402
+from benchmarks.bench_finetune import answers, chat, exact_match, write_chats  # noqa: E402
 from checkpoint import CheckpointError, check_model_args, load_model  # noqa: E402
 from lora import add_lora, lora_state_dict, merged_state_dict, num_trainable  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
@@ -156,7 +156,7 @@ def test_check_model_args():
 
 
 # -----------------------------------------------------------------------------
-# end to end through prepare.py, train.py, lora.py
+# end to end through prepare.py, train.py, convert.py merge
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
@@ -221,7 +221,7 @@ def test_lora_finetune_learns_the_task(pretrained):
           f"({n_adapter / (n_base + n_adapter):.1%}); pretrain {pretrain_s:.0f}s, LoRA {finetune_s:.0f}s")
     assert after >= before + 0.5
     # the merged checkpoint needs no base and answers the same
-    run([str(ROOT / 'lora.py'), 'merge', '--out_dir=lora', '--to=merged'], d)
+    run([str(ROOT / 'convert.py'), 'merge', '--out_dir=lora', '--to=merged'], d)
     assert 'lora' not in torch.load(d / 'merged' / 'ckpt.pt', weights_only=False)
     assert answers(d / 'merged', held_out) == answers(d / 'lora', held_out)
 
@@ -258,7 +258,7 @@ def test_adapters_refuse_a_changed_base(pretrained):
 
 def test_bench_finetune_cpu_smoke(tmp_path):
     """Every part of the bench at toy sizes: the same train.py runs, stops, scoring and tables."""
-    run([str(ROOT / 'bench_finetune.py'), '--cpu_smoke', '--input', str(SHAKESPEARE), '--out=bench.md',
+    run([str(ROOT / 'benchmarks' / 'bench_finetune.py'), '--cpu_smoke', '--input', str(SHAKESPEARE), '--out=bench.md',
          '--work=runs'], tmp_path)
     table = (tmp_path / 'bench.md').read_text()
     rows = [[cell.strip() for cell in line.strip('|').split('|')] for line in table.splitlines()

@@ -88,6 +88,11 @@ SAMPLE_BAD = [
     ('--seed=-3', "--seed=-3: must be >= 0"),
     ('--temprature=0.5', "configurator: unknown config key 'temprature'"),
 ]
+# eval.py and serve.py check the device and dtype as train.py and sample.py do (run as processes below)
+OTHER_BAD = [(script, [arg], message) for script in ('eval.py', 'serve.py') for arg, message in [
+    ('--device=tpu', "--device='tpu': no such device on this machine"),
+    ('--device=cuda:99', "--device='cuda:99': no such device on this machine"),
+    ('--dtype=float64', "--dtype='float64': must be 'float32', 'bfloat16' or 'float16'")]]
 if not torch.cuda.is_available():
     TRAIN_BAD += [('--device=cuda', "--device='cuda': no such device on this machine (present: cpu"),
                   ('--backend=nccl', "--backend='nccl': needs CUDA GPUs; use --backend=gloo"),
@@ -135,7 +140,7 @@ if torch.cuda.is_available():  # checked against the GPU's size once the process
     PROCESS_BAD += [('train.py', ['--memory_limit_gib=100000'], "--memory_limit_gib=100000.0: more than the")]
 
 
-@pytest.mark.parametrize('script,args,message', PROCESS_BAD)
+@pytest.mark.parametrize('script,args,message', PROCESS_BAD + OTHER_BAD)
 def test_bad_flag_process(work, script, args, message):
     before = snapshot(work / 'run')
     extra = [*MICRO, '--overwrite=True'] if script == 'train.py' else []
@@ -221,7 +226,7 @@ def test_kill_9_never_leaves_an_unloadable_checkpoint(work):
     during_write = 0
     for attempt in range(4):
         resume = ['--init_from=resume'] if (out / 'ckpt.pt').exists() else []
-        for stale in out.glob('*.pt.tmp'):  # left by the last kill: only a fresh one marks a write under way
+        for stale in out.glob('*.pt.*.tmp'):  # left by the last kill: only a fresh one marks a write under way
             stale.unlink()
         p = subprocess.Popen(args + resume, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env={**os.environ, 'OMP_NUM_THREADS': '1'})
@@ -230,14 +235,14 @@ def test_kill_9_never_leaves_an_unloadable_checkpoint(work):
             while not (out / 'ckpt.pt').exists() and time.time() < deadline:  # a run under way
                 time.sleep(0.01)
             if attempt % 2 == 0:  # the moment a checkpoint is being written
-                while not list(out.glob('*.pt.tmp')) and time.time() < deadline:
+                while not list(out.glob('*.pt.*.tmp')) and time.time() < deadline:
                     time.sleep(0.0005)
             else:  # any moment
                 time.sleep(rng.uniform(0, 1.5))
         finally:
             p.send_signal(signal.SIGKILL)
             p.wait()
-        during_write += bool(list(out.glob('*.pt.tmp')))
+        during_write += bool(list(out.glob('*.pt.*.tmp')))
         for which in ('latest', 'best') if (out / 'best.pt').exists() else ('latest',):
             model, ckpt = load_model(str(out), which)
             assert ckpt['iter_num'] >= 1 and sum(v.numel() for v in model.state_dict().values()) > 0

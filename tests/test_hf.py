@@ -1,6 +1,8 @@
-"""hf.py: our checkpoints <-> Hugging Face DeepSeek-V3/V2 directories. Round trips, transformers'
-own loading, generation and saving, tokenizers, refusals, the command line and train.py's init_from.
-(Logit parity over V3/V2, q_lora, YaRN and MTP is tests/test_reference.py.)"""
+"""hf.py: our checkpoints <-> Hugging Face DeepSeek-V3/V2 directories. Round trips (tied embeddings
+included), transformers' own loading, generation and saving, tokenizers, refusals, the command line,
+train.py's init_from and LoRA on such a directory, and directories that are ambiguous, stale or
+malformed. (Logit parity over V3/V2, q_lora, YaRN and MTP is tests/test_reference.py; convert.py
+under faults is tests/test_faults_convert.py.)"""
 import json
 import os
 import subprocess
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 import hf
-from checkpoint import CheckpointError, load_model, lora_checkpoint_fields, save_checkpoint
+from checkpoint import CheckpointError, base_sha256, load_model, lora_checkpoint_fields, save_checkpoint
 from engine import Engine, SamplingParams
 from lora import add_lora, lora_state_dict
 from model import ModelConfig, Transformer
@@ -20,6 +22,7 @@ from prepare import get_tokenizer, train_bpe
 transformers = pytest.importorskip('transformers')
 
 REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / 'shared/data/tinyshakespeare/input.txt'
 TINY = dict(vocab_size=96, block_size=32, n_layer=3, n_embd=32, n_head=2, kv_lora_rank=16, qk_nope_head_dim=8,
             qk_rope_head_dim=8, v_head_dim=8, n_dense_layers=1, dense_inter_dim=64, n_routed_experts=4,
             n_shared_experts=1, n_activated_experts=2, moe_inter_dim=16, n_expert_groups=2, n_limited_groups=1)
@@ -106,7 +109,7 @@ def test_transformers_save_pretrained_imports(kind, tmp_path):
 
 
 def test_random_directory_imports(tmp_path):
-    """hf.py random's path (meta init, bf16, save_pretrained), with DeepSeek-V2-Lite's config shrunk."""
+    """convert.py random's path (meta init, bf16, save_pretrained), with DeepSeek-V2-Lite's config shrunk."""
     tiny = dict(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
                 num_attention_heads=2, kv_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8,
                 n_routed_experts=8, max_position_embeddings=64)
@@ -178,15 +181,15 @@ def test_command_line(tmp_path):
     (tmp_path / 'run').mkdir()
     save_checkpoint({'model': ours.state_dict(), 'model_args': vars(ours.cfg), 'tokenizer': CHARS},
                     tmp_path / 'run' / 'ckpt.pt')
-    p = run(REPO / 'hf.py', 'export', '--out_dir=run', '--hf_dir=hfdir', cwd=tmp_path)
+    p = run(REPO / 'convert.py', 'export', '--out_dir=run', '--hf_dir=hfdir', cwd=tmp_path)
     assert p.returncode == 0 and 'training-only' in p.stdout, p.stderr
-    p = run(REPO / 'hf.py', 'import', '--hf_dir=hfdir', '--out_dir=back', cwd=tmp_path)
+    p = run(REPO / 'convert.py', 'import', '--hf_dir=hfdir', '--out_dir=back', cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     back = load_model(str(tmp_path / 'back'))[0].state_dict()
     assert all(torch.equal(back[n], t) for n, t in ours.state_dict().items())
     p = run(REPO / 'sample.py', '--out_dir=hfdir', '--max_new_tokens=8', '--start=To be', '--device=cpu', cwd=tmp_path)
     assert p.returncode == 0 and '\nTo be' in p.stdout, p.stderr
-    p = run(REPO / 'hf.py', 'export', '--out_dir=run', '--hf_dir=x', '--max_shard_size=lots', cwd=tmp_path)
+    p = run(REPO / 'convert.py', 'export', '--out_dir=run', '--hf_dir=x', '--max_shard_size=lots', cwd=tmp_path)
     assert p.returncode == 2 and 'max_shard_size' in p.stderr
 
 
@@ -213,7 +216,7 @@ def lora_run(tmp_path, base, targets, dropout=0.0):
 def test_lora_exports_its_base_and_a_peft_adapter(arch, targets, dropout, tmp_path):
     peft = pytest.importorskip('peft')
     lora_run(tmp_path, tiny_model(**arch), targets, dropout)
-    p = run(REPO / 'hf.py', 'export', '--out_dir=lora', '--hf_dir=hfdir', cwd=tmp_path)
+    p = run(REPO / 'convert.py', 'export', '--out_dir=lora', '--hf_dir=hfdir', cwd=tmp_path)
     assert p.returncode == 0 and 'wrote hfdir/adapter: LoRA r=4' in p.stdout, p.stderr
     assert ('lora_dropout=0.1' in p.stdout) == bool(dropout)
     config = json.loads((tmp_path / 'hfdir' / 'adapter' / 'adapter_config.json').read_text())
@@ -234,7 +237,7 @@ def test_lora_exports_its_base_and_a_peft_adapter(arch, targets, dropout, tmp_pa
 
 def test_a_lora_export_that_cannot_be_written_writes_nothing(tmp_path):
     lora_run(tmp_path, Transformer(ModelConfig(**TINY, attn='mha')), 'wqkv,w1')
-    p = run(REPO / 'hf.py', 'export', '--out_dir=lora', '--hf_dir=hfdir', cwd=tmp_path)
+    p = run(REPO / 'convert.py', 'export', '--out_dir=lora', '--hf_dir=hfdir', cwd=tmp_path)
     assert p.returncode == 1 and "attn='mha'" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / 'hfdir').exists()
 
@@ -251,21 +254,205 @@ def test_a_broken_directory_is_one_clear_error(tmp_path):
     assert '\n' not in str(e.value)
 
 
-def test_train_starts_from_an_hf_directory(tmp_path):
-    p = run(REPO / 'prepare.py', 'shakespeare_char', '--input', REPO.parent / 'shared/data/tinyshakespeare/input.txt',
-            cwd=tmp_path)
+@pytest.fixture(scope='module')
+def char_data(tmp_path_factory):
+    """A working directory with data/chars, the first 50,000 characters of tiny shakespeare with a
+    char tokenizer -> (it, the dataset's tokenizer)."""
+    d = tmp_path_factory.mktemp('char')
+    (d / 'input.txt').write_text(SHAKESPEARE.read_text()[:50_000])
+    p = run(REPO / 'prepare.py', 'chars', '--input', 'input.txt', '--tokenizer=char', cwd=d)
     assert p.returncode == 0, p.stderr
-    tokenizer = json.loads((tmp_path / 'data/shakespeare_char/meta.json').read_text())['tokenizer']
+    return d, json.loads((d / 'data/chars/meta.json').read_text())['tokenizer']
+
+
+def save_run(model, tokenizer, out_dir):
+    out_dir.mkdir()
+    save_checkpoint({'model': model.state_dict(), 'model_args': vars(model.cfg), 'tokenizer': tokenizer},
+                    out_dir / 'ckpt.pt')
+
+
+TRAIN = ['--dataset=chars', '--batch_size=2', '--block_size=32', '--compile=False', '--warmup_iters=0',
+         '--eval_iters=1', '--log_interval=1', '--device=cpu', '--dtype=float32']
+
+
+def test_train_starts_from_an_hf_directory(char_data):
+    d, tokenizer = char_data
     ours = tiny_model(**V3)
-    hf.export(ours, tokenizer, tmp_path / 'hfdir')
-    p = run(REPO / 'train.py', '--init_from=hf:hfdir', '--dataset=shakespeare_char', '--out_dir=run', '--max_iters=1',
-            '--eval_interval=1', '--eval_iters=1', '--batch_size=2', '--block_size=32', '--compile=False',
-            '--learning_rate=1e-4',
-            '--warmup_iters=0', '--dropout=0.1', '--device=cpu', cwd=tmp_path)
+    hf.export(ours, tokenizer, d / 'hfdir')
+    p = run(REPO / 'train.py', '--init_from=hf:hfdir', *TRAIN, '--out_dir=run', '--max_iters=1', '--eval_interval=1',
+            '--learning_rate=1e-4', '--dropout=0.1', cwd=d)
     assert p.returncode == 0, p.stderr
-    run_model, ckpt = load_model(str(tmp_path / 'run'))
+    run_model, ckpt = load_model(str(d / 'run'))
     assert ckpt['model_args'] == {**vars(ours.cfg), 'dropout': 0.1}  # its architecture, our training knobs
     for name, t in ours.state_dict().items():  # one small step (lr 1e-4, bias gamma 1e-3) away
         assert (run_model.state_dict()[name] - t).abs().max() <= 2e-3, name
-    p = run(REPO / 'train.py', '--init_from=hf:hfdir', '--dataset=shakespeare', '--device=cpu', cwd=tmp_path)
+    p = run(REPO / 'train.py', '--init_from=hf:hfdir', '--dataset=shakespeare', '--device=cpu', cwd=d)
     assert p.returncode != 0 and 'error' in p.stderr
+
+
+def train_log(out_dir):
+    with open(out_dir / 'log.jsonl') as f:
+        return {r['iter']: r['loss'] for r in map(json.loads, f) if r['kind'] == 'train'}
+
+
+def test_lora_on_an_hf_directory_trains_samples_and_resumes(char_data):
+    """The base of a LoRA run can be a Hugging Face directory: its checksum covers the directory's
+    config.json, weight files and tokenizer.json, and resuming reloads the base from it."""
+    d, tokenizer = char_data
+    hf.export(tiny_model(**V3, vocab_size=len(tokenizer['chars'])), tokenizer, d / 'lora-base', max_shard_size=20_000)
+    lora = ['--init_from=hf:lora-base', '--lora_rank=4', '--eval_interval=2', *TRAIN]
+    for out_dir, steps in (('lora-straight', 4), ('lora-resumed', 2)):
+        p = run(REPO / 'train.py', *lora, f'--out_dir={out_dir}', f'--max_iters={steps}', cwd=d)
+        assert p.returncode == 0, p.stderr
+    p = run(REPO / 'train.py', *TRAIN, '--eval_interval=2', '--out_dir=lora-resumed', '--max_iters=4',
+            '--init_from=resume', cwd=d)
+    assert p.returncode == 0, p.stderr
+    straight, resumed = train_log(d / 'lora-straight'), train_log(d / 'lora-resumed')
+    assert sorted(resumed) == list(range(4)) and all(straight[i] == resumed[i] for i in range(2, 4))
+    ckpt = torch.load(d / 'lora-resumed' / 'ckpt.pt', weights_only=False)
+    assert ckpt['lora']['base'] == str(d / 'lora-base') and ckpt['lora']['base_sha256'] == base_sha256(d / 'lora-base')
+    p = run(REPO / 'sample.py', '--out_dir=lora-resumed', '--max_new_tokens=8', '--device=cpu', '--dtype=float32',
+            cwd=d)
+    assert p.returncode == 0, p.stderr
+    shard = next((d / 'lora-base').glob('model-00002-*.safetensors'))
+    saved = shard.read_bytes()
+    shard.write_bytes(saved[:-4] + bytes(4))  # one weight changed
+    try:
+        p = run(REPO / 'sample.py', '--out_dir=lora-resumed', '--device=cpu', cwd=d)
+        assert p.returncode == 1 and 'has changed since the adapters were trained' in p.stderr, p.stderr
+    finally:
+        shard.write_bytes(saved)
+
+
+# -----------------------------------------------------------------------------
+# tied embeddings: the files hold one tensor for the embedding and the head
+
+def test_tied_embeddings_survive_every_round_trip(tmp_path):
+    """export -> load_model(directory), export -> convert.py import -> load_model(ckpt.pt), and
+    transformers on the directory: the same logits as the model exported, from a head that is the
+    embedding (lm_head.weight is not in the files; a head not tied back is memory never filled)."""
+    ours = tiny_model(**V3, tie_embeddings=True)
+    save_run(ours, CHARS, tmp_path / 'run')
+    p = run(REPO / 'convert.py', 'export', '--out_dir=run', '--hf_dir=hfdir', cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    p = run(REPO / 'convert.py', 'import', '--hf_dir=hfdir', '--out_dir=back', cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    idx = torch.randint(0, 96, (2, 32))
+    with torch.no_grad():
+        ref = ours(idx, targets=idx)[0]
+        for source in ('hfdir', 'back'):
+            model = load_model(str(tmp_path / source))[0]
+            assert model.head.weight is model.embed.weight, source
+            assert torch.equal(model(idx, targets=idx)[0], ref), source
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hfdir').eval()
+        assert torch.equal(theirs.get_output_embeddings().weight, ours.embed.weight)
+        err = ((theirs(idx).logits - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-5, f"max relative error {err:.2e}"
+
+
+def test_scripts_read_a_tied_export_as_its_run(char_data):
+    """sample.py and eval.py pointed at the exported directory: the greedy text and the validation
+    cross-entropy of the run it came from."""
+    d, tokenizer = char_data
+    ours = tiny_model(**V3, tie_embeddings=True, vocab_size=len(tokenizer['chars']))
+    with torch.no_grad():  # far from the init, where a tied model repeats its last token
+        for name, p in ours.named_parameters():
+            if 'norm' not in name and 'embed' not in name:
+                p.normal_(0.0, 0.5)
+    save_run(ours, tokenizer, d / 'tied')
+    hf.export(ours, tokenizer, d / 'tied-hf')
+    cpu = ['--device=cpu', '--dtype=float32']
+    texts, ce = [], []
+    for source in ('tied', 'tied-hf'):
+        p = run(REPO / 'sample.py', f'--out_dir={source}', '--start=ROMEO:', '--max_new_tokens=24', '--temperature=0',
+                '--num_samples=1', *cpu, cwd=d)
+        assert p.returncode == 0, p.stderr
+        text = p.stdout.split('---------------')[0]
+        texts.append(text[text.index('\nROMEO:'):])
+        p = run(REPO / 'eval.py', f'--out_dir={source}', '--dataset=chars', '--batch_size=64',
+                '--bench_iters=0', '--decode_tokens=0', f'--out={source}.json', *cpu, cwd=d)
+        assert p.returncode == 0, p.stderr
+        ce.append(json.loads((d / f'{source}.json').read_text())['ce'])
+    assert texts[0] == texts[1] and len(set(texts[0])) > 10, texts
+    assert ce[0] == ce[1], ce
+
+
+# -----------------------------------------------------------------------------
+# directories that are ambiguous, stale or malformed: one line, never a guess
+
+def test_a_directory_that_is_both_hf_and_a_run_is_refused(tmp_path):
+    ours = tiny_model(**V3)
+    hf.export(ours, CHARS, tmp_path / 'both')
+    save_checkpoint({'model': ours.state_dict(), 'model_args': vars(ours.cfg), 'tokenizer': CHARS},
+                    tmp_path / 'both' / 'ckpt.pt')
+    with pytest.raises(CheckpointError, match=r'both a Hugging Face model \(config.json\) and a training run '
+                                              r'\(ckpt.pt\)'):
+        load_model(str(tmp_path / 'both'))
+
+
+@pytest.mark.parametrize('fault, message', [
+    ('a shard the index names is missing', 'model.safetensors.index.json names model-00002-of-'),
+    ('a shard the index does not name', 'model-00099-of-00099.safetensors is not in model.safetensors.index.json'),
+    ('a shard beside model.safetensors', 'model-00001-of-00002.safetensors beside model.safetensors'),
+])
+def test_shards_and_index_must_agree(fault, message, tmp_path):
+    sharded = 'beside' not in message
+    hf.export(tiny_model(**V3), CHARS, tmp_path / 'hf', max_shard_size=20_000 if sharded else 5 * 1024 ** 3)
+    files = sorted((tmp_path / 'hf').glob('*.safetensors'))
+    if 'missing' in fault:
+        files[1].unlink()
+    else:
+        name = 'model-00099-of-00099.safetensors' if sharded else 'model-00001-of-00002.safetensors'
+        (tmp_path / 'hf' / name).write_bytes(files[0].read_bytes())
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_model(str(tmp_path / 'hf'))
+    assert '\n' not in str(e.value)
+
+
+BROKEN = {  # what is written -> what the error says
+    'hidden_size "2048"': ('config.json', lambda c: {**c, 'hidden_size': '2048'},
+                           "config.json hidden_size='2048': must be an integer"),
+    'num_hidden_layers null': ('config.json', lambda c: {**c, 'num_hidden_layers': None},
+                               'config.json num_hidden_layers=None: must be an integer'),
+    'tie_word_embeddings "false"': ('config.json', lambda c: {**c, 'tie_word_embeddings': 'false'},
+                                    "tie_word_embeddings='false': must be true or false"),
+    'rope factor "4"': ('config.json', lambda c: {**c, 'rope_scaling': {'type': 'yarn', 'factor': '4'}},
+                        "rope_scaling.factor='4': must be a number"),
+    'no vocab_size': ('config.json', lambda c: {k: v for k, v in c.items() if k != 'vocab_size'},
+                      'config.json has no vocab_size'),
+    'config.json a list': ('config.json', lambda c: [c], 'config.json is not a JSON object'),
+    'config.json not JSON': ('config.json', lambda c: '{"vocab_size": ', 'cannot read'),
+    'tokenizer.json not JSON': ('tokenizer.json', lambda c: '{"model": {"type": "BPE", ', 'cannot read'),
+    'tokenizer.json not a tokenizer': ('tokenizer.json', lambda c: {'model': {'type': 'Nothing'}}, 'cannot read'),
+}
+
+
+def broken_dir(path, case):
+    hf.export(tiny_model(**V3), CHARS, path)
+    name, change, message = BROKEN[case]
+    new = change(json.loads((path / 'config.json').read_text()))
+    (path / name).write_text(new if isinstance(new, str) else json.dumps(new))
+    return message
+
+
+@pytest.mark.parametrize('case', BROKEN)
+def test_a_malformed_directory_is_one_clear_error(case, tmp_path):
+    message = broken_dir(tmp_path / 'hf', case)
+    with pytest.raises(CheckpointError) as e:
+        load_model(str(tmp_path / 'hf'))
+    assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize('script', [
+    ('sample.py', '--out_dir=hf', '--device=cpu'), ('eval.py', '--out_dir=hf', '--device=cpu'),
+    ('serve.py', '--out_dir=hf', '--device=cpu'), ('train.py', '--init_from=hf:hf', *TRAIN),
+    ('convert.py', 'export', '--out_dir=hf', '--hf_dir=out'), ('convert.py', 'import', '--hf_dir=hf', '--out_dir=out'),
+], ids=lambda s: ' '.join(s[:2]).removesuffix(' --out_dir=hf'))
+def test_every_script_reports_a_malformed_directory_in_one_line(script, char_data, tmp_path):
+    d, _ = char_data
+    message = broken_dir(tmp_path / 'hf', 'hidden_size "2048"')
+    (tmp_path / 'data').symlink_to(d / 'data')
+    p = run(REPO / script[0], *script[1:], cwd=tmp_path)
+    assert p.returncode == 1 and message in p.stderr and 'Traceback' not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / 'out').exists()

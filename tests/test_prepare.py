@@ -99,6 +99,14 @@ def test_multi_shard_output_and_stale_shards_removed(data_dir):
     assert np.array_equal(tokens(out, 'train'), small)
 
 
+def test_shakespeare_cli_with_cached_corpus(data_dir):
+    r = run_cli('shakespeare_char', cwd=data_dir.parent)
+    assert r.returncode == 0 and r.stderr == '', r.stderr
+    assert r.stdout.splitlines() == ['train: 1,003,854 tokens in 1 shard(s)', 'val: 111,540 tokens in 1 shard(s)',
+                                     'vocab: 65 (char); wrote data/shakespeare_char']
+    assert sorted(p.name for p in (data_dir / 'shakespeare_char').iterdir()) == ['meta.json', 'train_000.bin', 'val_000.bin']
+
+
 def test_download_failure_says_how_to_supply_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, 'SHAKESPEARE_URL', 'http://127.0.0.1:9/')  # nothing listens there
     with pytest.raises(RuntimeError, match=r'download.*--input path/to/input.txt'):
@@ -146,6 +154,16 @@ def test_truncated_shard_refused(tmp_path):
     with pytest.raises(ValueError, match='truncated') as e:
         prepare.read_shard(path)
     assert str(path) in str(e.value)
+
+
+def test_truncated_or_foreign_meta_json_is_one_line(tmp_path):
+    prepare.write_json({'tokenizer': {'kind': 'gpt2'}, 'vocab_size': 50257}, tmp_path / 'meta.json')
+    text = (tmp_path / 'meta.json').read_text()
+    for broken in (text[:len(text) // 2], '', 'not json', '[1, 2]'):
+        (tmp_path / 'meta.json').write_text(broken)
+        with pytest.raises(ValueError, match='meta.json.*prepare the dataset again') as e:
+            prepare.read_meta(tmp_path)
+        assert '\n' not in str(e.value)
 
 
 def test_foreign_files_refused(tmp_path):
@@ -308,3 +326,64 @@ def test_empty_texts_are_skipped_with_a_count(tmp_path, ext):
     assert f"skipped {2 if ext == 'jsonl' else 1} empty or null text(s)" in r.stdout
     meta = json.loads((tmp_path / 'data' / 'skip' / 'meta.json').read_text())
     assert meta['train_tokens'] + meta['val_tokens'] == len('one doc') + len('two')
+
+
+# -----------------------------------------------------------------------------
+# flags: a bad or contradictory one is a usage error (exit code 2) before anything is read or written
+
+@pytest.mark.parametrize('name,flags,message', [
+    ('x', ['--input', 'x.txt', '--tokenizer=char', '--tokenizer_from=data/y'], 'either --tokenizer or --tokenizer_from'),
+    ('x', ['--input', 'x.txt', '--bpe_vocab_size=500'], '--bpe_vocab_size=500 applies to --tokenizer=bpe only'),
+    ('x', ['--input', 'x.txt', '--tokenizer=char', '--bpe_vocab_size=500'], 'applies to --tokenizer=bpe only'),
+    ('x', ['--input', 'x.txt', '--tokenizer=bpe', '--bpe_vocab_size=100'], 'must be in (257, 65536]'),
+    ('x', ['--input', 'x.txt', '--tokenizer=sentencepiece'], 'must be gpt2, char, bpe'),
+    ('x', ['--input', 'x.txt', '--hf', 'a/b'], 'either --input or --hf'),
+    ('x', ['--input', 'x.txt', '--hf_config', 'c'], '--hf_config applies to --hf datasets only'),
+    ('x', ['--input', 'x.txt', '--hf_split', 'test'], '--hf_split applies to --hf datasets only'),
+    ('x', ['--input', 'x.txt', '--text_field', 'body'], '--text_field names the column'),
+    ('x', ['--input', 'x.jsonl', '--format=chat', '--text_field', 'body'], '--text_field names the column'),
+    ('x', ['--hf', 'a/b', '--format=alpaca'], '--format=alpaca reads jsonl files: pass --input FILES'),
+    ('x', [], 'pass --input FILES or --hf DATASET'),
+    ('x', ['--input', 'x.txt', '--val_fraction=1'], '--val_fraction must be between 0 and 1'),
+    ('x', ['--input', 'x.txt', '--shard_size=0'], '--shard_size must be in [1, 2**31)'),
+    ('shakespeare_char', ['--tokenizer=gpt2'], 'shakespeare_char is tiny shakespeare text with the char tokenizer'),
+    ('shakespeare', ['--tokenizer_from=data/y'], 'shakespeare is tiny shakespeare text with the gpt2 tokenizer'),
+    ('shakespeare', ['--hf', 'a/b'], 'use another NAME'),
+    ('shakespeare', ['--input', 'x.jsonl', '--format=chat'], 'use another NAME'),
+    ('shakespeare', ['--input', 'x.txt', '--text_field', 'body'], '--text_field names the column'),
+    ('shakespeare', ['--input', 'x.txt', 'x.jsonl'], 'shakespeare takes a single --input file, got 2'),
+])
+def test_usage_errors_refused_before_anything_is_written(tmp_path, monkeypatch, name, flags, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'x.txt').write_text('some text')
+    (tmp_path / 'x.jsonl').write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(prepare.UsageError) as e:
+        prepare.main([name, *flags])
+    assert message in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['x.jsonl', 'x.txt']
+
+
+def test_usage_error_exits_2_bad_data_exits_1(tmp_path):
+    (tmp_path / 'x.txt').write_text('not shakespeare')
+    r = run_cli('x', '--input', 'x.txt', '--tokenizer=char', '--bpe_vocab_size=500', cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == 'prepare.py: error: --bpe_vocab_size=500 applies to --tokenizer=bpe only\n'
+    r = run_cli('shakespeare', '--input', 'x.txt', cwd=tmp_path)
+    assert r.returncode == 1 and 'is not the canonical tiny shakespeare' in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / 'data').exists()
+
+
+# -----------------------------------------------------------------------------
+# instruction data
+
+@pytest.mark.parametrize('split', ['train', 'val'])
+def test_instruction_split_without_an_assistant_turn_refused(tmp_path, split):
+    """Nothing in that split would carry loss: refused before anything is written, naming the split."""
+    answered = {'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}]}
+    asked = {'messages': [{'role': 'system', 'content': 'be brief'}, {'role': 'user', 'content': 'hi'}]}
+    rows = [asked] * 9 + [answered] if split == 'train' else [answered] * 9 + [asked]
+    (tmp_path / 'chat.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    n = 9 if split == 'train' else 1
+    with pytest.raises(ValueError, match=rf'none of the {n} {split} example\(s\) has an assistant turn'):
+        prepare.main(['sft', '--input', str(tmp_path / 'chat.jsonl'), '--format=chat', '--tokenizer=char',
+                      '--out_dir', str(tmp_path / 'data')])
+    assert not (tmp_path / 'data').exists()

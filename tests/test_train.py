@@ -16,7 +16,7 @@ MICRO = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--kv_lora_rank=16', '--qk_
          '--qk_rope_head_dim=8', '--v_head_dim=8', '--dense_inter_dim=64', '--moe_inter_dim=16',
          '--n_routed_experts=4', '--n_activated_experts=2', '--block_size=32', '--batch_size=8',
          '--compile=False', '--eval_iters=2', '--log_interval=1', '--dataset=shakespeare_char',
-         '--warmup_iters=2', '--learning_rate=3e-3']
+         '--warmup_iters=2', '--learning_rate=3e-3', '--device=cpu', '--dtype=float32']  # the same on any machine
 
 
 def run(args, cwd, check=True, env=None):
@@ -172,7 +172,8 @@ def test_two_nodes_on_one_machine(work):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
     outs = [n.communicate(timeout=300)[0] for n in nodes]
     assert all(n.returncode == 0 for n in nodes), outs
-    assert sorted(os.listdir(work / 'twonode')) == ['best.pt', 'ckpt.pt', 'expert_load.png', 'log.jsonl', 'loss.png']
+    assert sorted(os.listdir(work / 'twonode')) == ['.lock', 'best.pt', 'ckpt.pt', 'expert_load.png', 'log.jsonl',
+                                                    'loss.png']
     assert '(2 processes)' in outs[0] + outs[1]
 
 

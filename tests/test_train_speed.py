@@ -1,4 +1,4 @@
-"""Issue 18's CPU-checkable parts: the batched loader reads the very windows that the per-row loader
+"""Training speed, its CPU-checkable parts: the batched loader reads the very windows that the per-row loader
 read; Muon orthogonalizes each expert's matrix, trains, and resumes exactly; the weights' bf16 copies
 made once a step give autocast's losses; the new flags. On a CUDA GPU also: the CUDA-graph step
 (compile_mode='reduce-overhead') against the eager step, and its resume; the copies under compile."""

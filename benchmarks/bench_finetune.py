@@ -1,5 +1,5 @@
 """
-Fine-tuning and training memory (issue 13), measured through train.py's own command line: every run
+Fine-tuning and training memory, measured through train.py's own command line: every run
 is a train.py process in a scratch directory, and its numbers come from what it prints and its log.jsonl.
 A: pretrain a small MoE model from scratch on a copy task (chats whose answer repeats the prompt,
    mixed-case letters), then fine-tune it to answer in uppercase instead, fully and with LoRA:
@@ -10,8 +10,8 @@ B: config/train_scale.py for a few steps: full training, with activation checkpo
 C: config/train_1b.py (>= 1B parameters) under --memory_limit_gib (CUDA): peak memory, tokens/s, MFU;
    running out of memory under the cap is a row that says so.
 B and C train on GPT-2-tokenized Shakespeare: --input prepares it, else ./data/shakespeare is used.
-$ python bench_finetune.py --input data/tinyshakespeare/input.txt [--parts A,B,C] [--out PATH]
-$ python bench_finetune.py --cpu_smoke --input ...   # the same code at toy sizes on CPU, < 1 minute
+$ python benchmarks/bench_finetune.py --input data/tinyshakespeare/input.txt [--parts A,B,C] [--out PATH]
+$ python benchmarks/bench_finetune.py --cpu_smoke --input ...   # the same code at toy sizes on CPU, < 1 minute
 """
 import argparse
 import dataclasses
@@ -30,13 +30,14 @@ from pathlib import Path
 
 import torch
 
+HERE = Path(__file__).resolve().parents[1]  # the repository
+sys.path.insert(0, str(HERE))
+from benchmarks.timing import markdown_table
 from checkpoint import load_model, save_checkpoint
 from engine import Engine, SamplingParams
-from bench_decode import markdown_table
 from model import ModelConfig, Transformer, padded_vocab
 from prepare import END, chat_template, write_text
 
-HERE = Path(__file__).resolve().parent
 LORA_TARGETS = 'wq,wkv_a,wkv_b,wo,w1,w2,w3'  # attention and every MLP: dense, shared, routed experts
 TOY_MODEL = dict(n_layer=2, n_embd=32, n_head=2, q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8,
                  qk_rope_head_dim=8, v_head_dim=8, dense_inter_dim=64, moe_inter_dim=16, n_routed_experts=8,

@@ -1,5 +1,5 @@
 """
-Training speed on a GPU (issue 18). For a train.py config file: one training step of its model (bf16,
+Training speed on a GPU. For a train.py config file: one training step of its model (bf16,
 random tokens; forward, backward, clipping, optimizer step, router-bias update) in each torch.compile
 mode, timed with CUDA events, next to the summed time of the step's GPU kernels (profiler): kernels /
 step is the share of the step the GPU is busy. Then a short real train.py run of the same config (the
@@ -9,8 +9,8 @@ it prints at val loss <= L (start-up, compilation and evaluations included); wit
 same for nanoGPT's own `train.py config/train_shakespeare_char.py` in that checkout (its data
 prepared there), run before ours in the same call.
 $ python prepare.py shakespeare_char   # the train.py runs read data/<dataset> from the working directory
-$ python bench_train.py [config/train_shakespeare_char.py] [--optimizer muon] [--loop_iters 300]
-                        [--to_loss 1.4645 [--nanogpt PATH]] [--batch_size N] [--profile N] [--out PATH]
+$ python benchmarks/bench_train.py [config/train_shakespeare_char.py] [--optimizer muon] [--loop_iters 300]
+                                   [--to_loss 1.4645 [--nanogpt PATH]] [--batch_size N] [--profile N] [--out PATH]
 """
 import argparse
 import json
@@ -24,7 +24,9 @@ import time
 
 import torch
 
-from bench_decode import events_ms, kernel_ms, kernels, markdown_table
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the repository's modules
+from benchmarks.timing import events_ms, kernel_ms, kernels, markdown_table
 from model import ModelConfig, Transformer, padded_vocab
 from prepare import write_text
 
@@ -74,7 +76,7 @@ def training_step(mode):
 
 
 def our_train_py(out_dir, *flags):
-    return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'), args.config,
+    return [sys.executable, os.path.join(REPO, 'train.py'), args.config,
             f'--out_dir={out_dir}', f'--optimizer={args.optimizer}', f'--batch_size={B}', *flags]
 
 

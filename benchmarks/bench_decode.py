@@ -5,21 +5,21 @@ the summed GPU time of the step's kernels (profiler). The graph's step time over
 says how much host overhead is left (1.0 = none). --speculative: the char model with an MTP block,
 plain against speculative steps (a draft and its verification), each also with torch.compile
 fusing the step's small ops before the graph is captured, and at batch 1 torch.compile's own
-reduce-overhead graphs in place of the engine's (the issue asked for both). --hf_dir: a Hugging Face directory
-(e.g. `python hf.py random --hf_dir=v2-lite`, DeepSeek-V2-Lite's shape) loaded and decoded whole.
+reduce-overhead graphs in place of the engine's. --hf_dir: a Hugging Face directory
+(e.g. `python convert.py random --hf_dir=v2-lite`, DeepSeek-V2-Lite's shape) loaded and decoded whole.
 --breakdown: where engine.generate's time goes (prefills, steps, host) at batch 1, on random
 weights or a trained checkpoint (--out_dir).
-$ python bench_decode.py [--layers 4] [--speculative | --breakdown [--out_dir DIR] | --hf_dir DIR [--block_size 4096]] [--out PATH]
+$ python benchmarks/bench_decode.py [--layers 4] [--speculative | --breakdown [--out_dir DIR] | --hf_dir DIR [--block_size 4096]] [--out PATH]
 """
 import argparse
 import os
-import statistics
+import sys
 import time
 
 import torch
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
+from benchmarks.timing import events_ms, kernel_ms, kernels, markdown_table
 from checkpoint import CheckpointError, load_model
 from engine import Engine, SamplingParams
 from model import ModelConfig, Transformer
@@ -34,38 +34,6 @@ V2_LITE = dict(vocab_size=102400, n_embd=2048, n_head=16, q_lora_rank=0, kv_lora
                dense_inter_dim=10944, n_routed_experts=64, n_shared_experts=2, n_activated_experts=6,
                moe_inter_dim=1408)
 TOKENIZER = {'kind': 'char', 'chars': ''.join(chr(0x100 + i) for i in range(128))}  # ids only
-
-
-def events_ms(fn, reps=7, n=20):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / n)
-    return statistics.median(times)
-
-
-def kernels(fn, n=10):
-    """Each kernel fn launches, per call: (name, microseconds, launches), costliest first (profiler,
-    over n calls)."""
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-    launched = [(e.key, e.self_device_time_total / n, e.count // n)
-                for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-    return sorted(launched, key=lambda k: -k[1])
-
-
-def kernel_ms(launched):
-    """kernels()' summed GPU time in ms, and how many kernels."""
-    return sum(us for _, us, _ in launched) / 1e3, sum(count for _, _, count in launched)
 
 
 def step_inputs(engine, B, T):
@@ -200,11 +168,6 @@ def timing_cases(args):
     return cases
 
 
-def markdown_table(header, rows):
-    """-> the lines of a markdown table (the bench scripts' output format)."""
-    return ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header), *('| ' + ' | '.join(row) + ' |' for row in rows)]
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('--layers', type=int, default=4, help='layers of the V2-Lite-shaped stack (27 in V2-Lite)')
@@ -213,7 +176,7 @@ def main():
     parser.add_argument('--breakdown', action='store_true',
                         help="engine.generate at batch 1: prefills, steps and host time, plain/speculative, eager/compiled")
     parser.add_argument('--out_dir', default=None, help="with --breakdown: a trained checkpoint's directory (best.pt)")
-    parser.add_argument('--hf_dir', default=None, help='a Hugging Face directory (hf.py random): load it, decode at batch 1 and 32')
+    parser.add_argument('--hf_dir', default=None, help='a Hugging Face directory (convert.py random): load it, decode at batch 1 and 32')
     parser.add_argument('--block_size', type=int, default=4096, help="with --hf_dir: the context (and cache) length")
     parser.add_argument('--out', default=None, help='also write the markdown table to this file')
     args = parser.parse_args()
