@@ -262,3 +262,38 @@ def test_bad_input_is_one_line(work, case):
     assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith('eval.py: error:'), p.stderr
     assert {'no checkpoint': 'no checkpoint', 'corrupt checkpoint': 'cannot read', 'no dataset': 'no dataset',
             'corrupt shard': 'truncated', 'unknown lm_eval task': "unknown lm_eval task 'no_such_task'"}[case] in lines[0]
+
+
+def test_instruction_data_is_scored_as_train_py_trains_on_it(tmp_path):
+    """An alpaca dataset: eval.py scores each example on its own and only its response tokens (the loss
+    mask train.py trains on), which it says; the figure equals the model's own loss on those targets."""
+    rows = [{'instruction': 'Repeat:', 'input': w * (1 + i % 3), 'output': w.upper()}
+            for i, w in enumerate(['rose', 'king', 'night', 'sword', 'crown', 'queen'] * 4)]
+    (tmp_path / 'rows.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    p = subprocess.run([sys.executable, str(REPO / 'prepare.py'), 'sft', '--input', 'rows.jsonl', '--format=alpaca',
+                        '--tokenizer=char', '--val_fraction=0.25'], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    meta = json.loads((tmp_path / 'data' / 'sft' / 'meta.json').read_text())
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**TINY, 'vocab_size': meta['vocab_size'], 'block_size': 128})).eval()
+    os.makedirs(tmp_path / 'run')
+    save_checkpoint({'model': model.state_dict(), 'model_args': asdict(model.cfg), 'tokenizer': meta['tokenizer'],
+                     'config': {'dataset': 'sft'}}, tmp_path / 'run' / 'ckpt.pt')
+    p = run_eval(tmp_path, '--out_dir=run', '--out=m.json', '--bench_iters=0', '--decode_tokens=0')
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((tmp_path / 'm.json').read_text())
+
+    from prepare import DOC_START, LOSS, read_mask, read_shard
+    tokens = np.asarray(read_shard(str(tmp_path / 'data' / 'sft' / 'val_000.bin')), dtype=np.int64)
+    mask = np.asarray(read_mask(str(tmp_path / 'data' / 'sft' / 'val_000.mask.bin')))
+    starts = list(np.flatnonzero(mask & DOC_START)) + [len(tokens)]
+    total, count = 0.0, 0
+    for s, e in zip(starts, starts[1:]):  # each example alone, its targets outside responses ignored
+        x, y = torch.tensor(tokens[s:e - 1]), torch.tensor(np.where(mask[s + 1:e] & LOSS, tokens[s + 1:e], -1))
+        n = int((y >= 0).sum())
+        total += model(x[None], targets=y[None])[2]['ce'].item() * n
+        count += n
+    assert len(starts) - 1 == 6 and m['scoring']['windows'] == 6 and m['scoring']['targets'] == 'responses'
+    assert m['scoring']['tokens_scored'] == count < m['scoring']['split_tokens']
+    assert m['ce'] == pytest.approx(total / count, rel=1e-5)
+    assert 'response tokens' in p.stdout
