@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
@@ -499,9 +500,16 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.n_embd, eps=1e-6)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.n_embd, cfg.dense_inter_dim)
         self.drop = nn.Dropout(cfg.dropout)
+        self.recompute = False  # activation checkpointing: keep the input, recompute the rest in the backward
 
     def forward(self, x, cos, sin, pos=None, rows=None, attn_mask=None):
-        """-> x, (balance loss, z loss) or None, expert load or None"""
+        """-> x, (balance loss, z loss) or None, expert load or None. Activation checkpointing is taken
+        here: torch.compile of a block traces a checkpoint inside it, but runs a block wrapped in one eagerly."""
+        if self.recompute:
+            return torch.utils.checkpoint.checkpoint(self.body, x, cos, sin, pos, rows, attn_mask, use_reentrant=False)
+        return self.body(x, cos, sin, pos, rows, attn_mask)
+
+    def body(self, x, cos, sin, pos, rows, attn_mask):
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, pos, rows, attn_mask))
         if isinstance(self.ffn, MLP):
             return x + self.drop(self.ffn(self.ffn_norm(x))), None, None
@@ -522,8 +530,10 @@ class MTP(nn.Module):
 
     def forward(self, h, e, cos, sin, pos=None, rows=None, attn_mask=None):
         """h: the main model's hidden states at positions i, e: embeddings of tokens i+1 -> the
-        normed states that the shared head turns into predictions of tokens i+2."""
-        x = self.proj(torch.cat([self.hnorm(h), self.enorm(e)], -1))
+        normed states that the shared head turns into predictions of tokens i+2. The block's residual
+        stream is in h's dtype, as the main blocks' (float32 under autocast, where proj returns bf16): the
+        same input dtype lets torch.compile run one compiled MoE block for all of them (train.py)."""
+        x = self.proj(torch.cat([self.hnorm(h), self.enorm(e)], -1)).to(h.dtype)
         return self.norm(self.block(x, cos, sin, pos, rows, attn_mask)[0])
 
 
@@ -598,15 +608,23 @@ class Transformer(nn.Module):
         h, aux, loads = self.trunk(idx, pos, attn_mask=attn_mask)
         if targets is None:
             return self.head(self.norm(h[:, [-1]])).float(), None, None
-        logits = self.head(self.norm(h))
-        stats = {'ce': token_loss(logits, targets)}
+        # contiguous targets, as MTP's: the compiled loss (compile_regions) is guarded on their strides
+        logits, ce = self.head_loss(self.norm(h), targets.contiguous(), return_logits)
+        stats = {'ce': ce}
         zero = stats['ce'].new_zeros(())
         stats['balance'] = sum((a[0] for a in aux), zero)
         stats['z'] = sum((a[1] for a in aux), zero)
         stats['mtp'] = self.mtp_loss(h, idx, targets, attn_mask) if self.mtp is not None else zero
         loss = stats['ce'] + stats['balance'] + stats['z'] + self.cfg.mtp_lambda * stats['mtp']
         stats['load'] = torch.stack(loads) if loads else None
-        return logits if return_logits else None, loss, stats
+        return logits, loss, stats
+
+    def head_loss(self, h, targets, return_logits=False):
+        """The head's logits (None unless asked for) and their cross-entropy: a region of its own in
+        compile_regions, so that the loss stays fused (eager, the logits' float copy and log-softmax
+        are each written out in full: GBs a step for GPT-2's vocabulary)."""
+        logits = self.head(h)
+        return logits if return_logits else None, token_loss(logits, targets)
 
     def attention_mask(self, doc_ids):
         """doc_ids [B, T] of packed examples (or None) -> the mask that keeps them apart: a BlockMask
@@ -622,10 +640,27 @@ class Transformer(nn.Module):
         T stays a multiple of the kernels' tiles): the last position has no token i+1 to embed (it
         embeds token 0) and no target, and as attention is causal it changes no other position."""
         h = self.mtp(h, self.embed(idx.roll(-1, 1)), *self.rope_at(None, idx.size(1)), attn_mask=attn_mask)
-        return token_loss(self.head(h), F.pad(targets[:, 1:], (0, 1), value=-1))
+        return self.head_loss(h, F.pad(targets[:, 1:], (0, 1), value=-1))[1]
 
     # -------------------------------------------------------------------------
     # balancing, counting, optimizing
+
+    def blocks(self):
+        """Every Block the model runs, the MTP block last."""
+        return [*self.layers, *([self.mtp.block] if self.mtp is not None else [])]
+
+    def compile_regions(self, mode=None):
+        """Regional compilation: torch.compile each block and the head's loss in place (the state_dict
+        keys stay), the rest runs eagerly. All blocks run Block.forward and their parameters are inputs
+        of its graphs, not guarded constants, so dynamo compiles each kind once (dense, MoE; training,
+        eval) for every layer. Under a CUDA-graph mode each region's forward and backward are graphs."""
+        for block in self.blocks():
+            block.compile(mode=mode)
+        self.head_loss = torch.compile(self.head_loss, mode=mode)
+        if mode in ('reduce-overhead', 'max-autotune'):
+            # each forward starts a new step of the graphs: without it an eval forward (no backward
+            # pending) would start one at every block, invalidating the previous block's output
+            self.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
 
     def moe_layers(self):
         return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
@@ -685,7 +720,7 @@ class Transformer(nn.Module):
 
     def attentions(self):
         """Every attention module, the MTP block's last: each gets a cache for decoding."""
-        return [layer.attn for layer in self.layers] + ([self.mtp.block.attn] if self.mtp is not None else [])
+        return [block.attn for block in self.blocks()]
 
     def setup_cache(self, batch_size, mode='latent', dtype=None, device=None, length=None):
         """mode 'latent' caches c_kv and k_pe (absorbed attention), 'naive' per-head K and V; length

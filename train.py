@@ -13,11 +13,11 @@ import glob
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import fields
-from functools import partial
 
 # CPU: back large tensors with 2 MB pages; with 4 KB ones, a tiny model's 200 MB of logits cost more
 # in page faults each step than in arithmetic. Read once, at torch's first allocation.
@@ -26,7 +26,6 @@ os.environ.setdefault('THP_MEM_ALLOC_ENABLE', '1')
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (RESUMABLE, CheckpointError, check_model_args, checkpoint_file, load_model,
@@ -85,6 +84,10 @@ backend = 'nccl' if torch.cuda.is_available() else 'gloo'
 device = default_device()
 dtype = default_dtype()
 compile = torch.cuda.is_available()
+# torch.compile each kind of block once (dense, MoE) for all its layers, and the head's loss; the rest runs
+# eagerly (Transformer.compile_regions): a fraction of the whole model's compile time (notes/training.md 14).
+# False: the whole model as one graph. Sharded runs always compile by regions.
+compile_regions = True
 # torch.compile's mode: 'reduce-overhead' replays forward and backward as CUDA graphs (the MoE's shapes
 # are static). 'auto': that on one GPU with one micro-step per step (with several, a replay overwrote
 # outputs the step still needed, on an H100), else 'default'
@@ -107,6 +110,8 @@ check_flags('train.py', globals(), {
     'out_dir': non_empty, 'dataset': non_empty,
     'eval_interval': positive, 'log_interval': positive, 'eval_iters': positive,
     'eval_only': boolean, 'always_save_checkpoint': boolean, 'decay_lr': boolean, 'compile': boolean,
+    'compile_regions': [boolean, cross_rule(lambda v, f: v or not (f['fsdp'] or f['ep'] != 1),
+                                            "sharded runs (--fsdp, --ep) compile by regions, block by block")],
     'compile_mode': [one_of('auto', 'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
                      rule(lambda v: v in ('auto', 'default', 'max-autotune-no-cudagraphs') or 'RANK' not in os.environ,
                           "CUDA graphs take one process: under torchrun 'default' or 'max-autotune-no-cudagraphs'"),
@@ -414,8 +419,8 @@ else:
 init_model = None
 model.train().to(device)
 if activation_checkpointing:  # keep only each block's input; recompute the rest in the backward
-    for block in model.layers:
-        block.forward = partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+    for block in model.blocks():
+        block.recompute = True
 if master:
     print(f"parameters: {model.num_params() / 1e6:.2f}M total, {model.num_params(active=True) / 1e6:.2f}M active per token")
     trainable, total = num_trainable(model), sum(p.numel() for p in model.parameters())
@@ -442,9 +447,8 @@ if checkpoint is not None:
 checkpoint = None
 
 raw_model = model
-if compile and sharded:  # block by block, inside FSDP2's gathers
-    for block in model.layers:
-        block.compile()
+if compile and compile_regions:  # sharded: each block inside FSDP2's gathers
+    model.compile_regions(compile_mode)
 elif compile:
     model = torch.compile(model, mode=compile_mode)
 if sharded:
@@ -514,6 +518,21 @@ def save_run(name):
     save_checkpoint(ckpt, checkpoint_path(name))
 
 
+def save_best():
+    """best.pt: the ckpt.pt just written under a second name (a hard link, so not written twice; a
+    later ckpt.pt is renamed over that name and leaves best.pt's file as it was), or a copy of it
+    where the file system has no hard links. Sharded runs write their own."""
+    if sharded:
+        return save_run('best.pt')
+    if master:
+        relink(out_dir, 'best')  # a sharded run's best.dcp, if this out_dir had one, is older
+        with atomic_path(checkpoint_path('best.pt')) as tmp:
+            try:
+                os.link(checkpoint_path('ckpt.pt'), tmp)
+            except OSError:
+                shutil.copyfile(checkpoint_path('ckpt.pt'), tmp)
+
+
 @torch.no_grad()
 def estimate_loss():
     """Mean cross-entropy over the same eval_iters batches every time, split across ranks."""
@@ -526,7 +545,8 @@ def estimate_loss():
             X, Y, D = get_batch(split, np.random.default_rng([seed, k, 7]))
             weight = torch.tensor(float(k < eval_iters), device=device)
             with ctx:
-                total += torch.stack([eval_model(X, Y, doc_ids=D)[2]['ce'].float() * weight, weight])
+                ce = eval_model(X, Y, doc_ids=D, return_logits=False)[2]['ce']
+                total += torch.stack([ce.float() * weight, weight])
         if ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item()
@@ -644,7 +664,7 @@ while True:
         if iter_num > start_iter and (improved or always_save_checkpoint):
             on_disk(save_run, 'ckpt.pt')
             if improved:
-                on_disk(save_run, 'best.pt')
+                on_disk(save_best)
             saved = (sharded_checkpoint(out_dir) if sharded else checkpoint_path('ckpt.pt'), iter_num)
             if master:
                 print(f"saved checkpoint to {out_dir}")
