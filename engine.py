@@ -15,6 +15,11 @@ parameters and ends share one batch of fixed cache slots (continuous batching).
   the main model verifies it in the same step (two query positions per sequence), and the draft is
   accepted or resampled so that every token is distributed exactly as the model says (greedy:
   the same tokens as plain decoding).
+- prefill_chunk=N: whole prompts are prefilled at most N tokens a step. A longer prompt is prefilled
+  N tokens at a time in a cache slot of its own (past max_batch, where decode steps never write),
+  each chunk attending to the ones before it in the cache (the decode path's attention); its chunks
+  alternate with decode steps, so the running batch waits for one chunk at most between two of its
+  steps, and it joins the batch with its first token: the same tokens as one prefill would give.
 - compile=True: torch.compile fuses each step's small ops before its graph is captured (the step's
   kernels roughly halve; costs a compilation per batch bucket at start-up). buckets= picks the
   batch sizes that get a graph (default: powers of two up to max_batch, and max_batch).
@@ -194,8 +199,9 @@ def capture(fn, pool, *inputs):
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch=64, cuda_graphs=None, cache_mode='latent', speculative=False,
-                 max_positions=None, compile=False, buckets=None):
+                 max_positions=None, compile=False, buckets=None, prefill_chunk=0):
         self.model, self.cfg = model, model.cfg
+        self.tokenizer = tokenizer
         self.device = model.head.weight.device
         self.encode, self.decode = get_tokenizer(tokenizer)
         self.n_vocab = min(vocab_size_of(tokenizer), self.cfg.vocab_size)
@@ -214,12 +220,17 @@ class Engine:
         # a draft sits one position past the pending token, so the context must leave room for it;
         # plain decoding leaves it too, so that both go on from the same tokens past it (same output)
         self.max_context = positions - 1
-        model.setup_cache(max_batch, cache_mode if self.cfg.attn == 'mla' else 'naive',
+        # a ring's positions wrap around, so its prompts are prefilled whole (and one at a time)
+        self.prefill_chunk = 0 if self.ring else prefill_chunk
+        slots = max_batch + bool(self.prefill_chunk)  # the last one: the chunked prompt's
+        model.setup_cache(slots, cache_mode if self.cfg.attn == 'mla' else 'naive',
                           length=window + speculative if self.ring else self.block_size)
         # the main model's hidden states at the two positions the next draft starts from
-        self.mtp_hidden = torch.zeros(max_batch, 2, self.cfg.n_embd, device=self.device,
+        self.mtp_hidden = torch.zeros(slots, 2, self.cfg.n_embd, device=self.device,
                                       dtype=model.head.weight.dtype) if speculative else None
         self.waiting, self.active = deque(), []  # active[i] lives in cache slot i
+        self.chunking = None                     # the prompt being prefilled in chunks, in slot max_batch
+        self.chunked_last = False                # was the last step a chunk (the next one decodes)
         self.next_id = 0
         self.accepted, self.drafted = 0, 0
         self.sampler = None
@@ -242,10 +253,11 @@ class Engine:
 
     @property
     def running(self):
-        return len(self.active)
+        """Requests holding a cache slot."""
+        return len(self.active) + (self.chunking is not None)
 
     def has_work(self):
-        return bool(self.waiting or self.active)
+        return bool(self.waiting or self.active or self.chunking)
 
     def add_request(self, prompt, params):
         if not prompt:
@@ -264,6 +276,8 @@ class Engine:
     def abort(self, request):
         if request in self.waiting:
             self.waiting.remove(request)
+        if request is self.chunking:
+            self.chunking = None
         if request in self.active:
             self.release(request)
         if not request.done:
@@ -273,13 +287,17 @@ class Engine:
         """Free a slot: the last running request moves into it, keeping slots 0..n-1 full."""
         i, last = self.active.index(request), len(self.active) - 1
         if i != last:
-            for attn in self.model.attentions():
-                for c in attn.cache:
-                    c[i] = c[last]
-            if self.speculative:
-                self.mtp_hidden[i] = self.mtp_hidden[last]
+            self.move_slot(last, i)
             self.active[i] = self.active[last]
         self.active.pop()
+
+    def move_slot(self, src, dst):
+        """Copy a slot's caches, and the MTP block's hidden states, into another slot."""
+        for attn in self.model.attentions():
+            for c in attn.cache:
+                c[dst] = c[src]
+        if self.speculative:
+            self.mtp_hidden[dst] = self.mtp_hidden[src]
 
     def generate(self, prompts, params, on_token=None):
         """Run prompts (token lists) to their ends; params: one SamplingParams or one per prompt."""
@@ -309,8 +327,7 @@ class Engine:
     @torch.no_grad()
     def step(self):
         """-> the requests that changed: new tokens, or finished."""
-        while self.waiting and len(self.active) < self.max_batch:
-            self.active.append(self.waiting.popleft())
+        self.admit()
         for r in self.active:
             if len(r.context) > self.max_context:  # out of positions: go on from the last half
                 r.context, r.cached = r.context[-self.refill_length:], 0
@@ -318,14 +335,81 @@ class Engine:
         if self.ring:  # right-padding would wrap around a ring: one prompt at a time
             pending = pending[:1]
         if pending:
+            pending = self.within_budget(pending)
             logits = self.prefill(pending)
-            sampler = self.sampler_of(pending)
-            self.emit(pending, sample(logits, sampler.params, sampler.uniforms()), logits)
+            self.sample_first(pending, logits)
             return pending
+        if self.chunking is not None and not (self.active and self.chunked_last):
+            return self.prefill_chunk_step()
+        self.chunked_last = False
         batch = list(self.active)
         if batch:
             (self.speculate if self.speculative else self.decode_plain)(batch)
         return batch
+
+    def admit(self):
+        """Waiting requests take free slots in order; a prompt longer than prefill_chunk takes the
+        chunk slot when it is free (and keeps a slot to join the batch in)."""
+        while self.waiting and self.running < self.max_batch:
+            r = self.waiting[0]
+            if self.prefill_chunk and len(r.context) > self.prefill_chunk:
+                if self.chunking is not None:
+                    return
+                self.chunking = r
+            else:
+                self.active.append(r)
+            self.waiting.popleft()
+
+    def within_budget(self, pending):
+        """The first pending prompts that hold at most prefill_chunk tokens together (at least one)."""
+        total = 0
+        for n, r in enumerate(pending):
+            total += len(r.context)
+            if self.prefill_chunk and n and total > self.prefill_chunk:
+                return pending[:n]
+        return pending
+
+    def sample_first(self, requests, logits):
+        """The first token of freshly prefilled requests, from their last positions' logits."""
+        sampler = self.sampler_of(requests)
+        self.emit(requests, sample(logits, sampler.params, sampler.uniforms()), logits)
+
+    def prefill_chunk_step(self):
+        """The next prefill_chunk tokens of the chunked prompt -> [it] once the last chunk is in (it
+        moves into the running batch's next slot and gets its first token), else []."""
+        r, slot = self.chunking, self.max_batch
+        start, end = r.cached, min(r.cached + self.prefill_chunk, len(r.context))
+        idx = torch.tensor([r.context[start:end]], device=self.device)
+        if start == 0:
+            logits = self.prefill_step(idx, torch.tensor([slot], device=self.device),
+                                       torch.tensor([end - 1], device=self.device))
+        else:
+            logits = self.prefill_continued(idx, start, slot)
+        r.cached, self.chunked_last = end, True
+        if end < len(r.context):
+            return []
+        self.chunking = None
+        self.move_slot(slot, len(self.active))
+        self.active.append(r)
+        self.sample_first([r], logits)
+        return [r]
+
+    def prefill_continued(self, idx, start, slot):
+        """A chunk idx [1, C] at positions start.. of the prompt in `slot`, attending to its cached
+        earlier chunks (through the decode path, on the slot alone) -> its last logits [1, V]."""
+        m, C = self.model, idx.size(1)
+        pos = torch.arange(start, start + C, device=self.device)[None]
+        with self.slot_view(slot):
+            h = m.trunk(idx, pos)[0]
+            if self.speculative:  # the MTP block's entries start-1 .. start+C-2: from the state at start-1 on
+                m.mtp(torch.cat([self.mtp_hidden[slot, None, 1:], h[:, :-1]], 1), m.embed(idx),
+                      *m.rope_at(pos - 1, C), pos=pos - 1)
+                self.mtp_hidden[slot] = torch.cat([self.mtp_hidden[slot], h[0]])[-2:]
+        return self.logits(h[:, -1])
+
+    def slot_view(self, slot):
+        """The caches narrowed to one slot: the decode path reads a batch's first slots."""
+        return self.caches_as(lambda cache, latent: (tuple(c[slot:slot + 1] for c in cache), latent))
 
     def prefill(self, requests):
         """Fill the requests' slots with their contexts (right-padded into one batch: causal
@@ -492,12 +576,16 @@ class Engine:
     # -------------------------------------------------------------------------
     # scoring and embeddings: whole sequences, no cache
 
-    @contextmanager
     def uncached(self):
+        return self.caches_as(lambda cache, latent: (None, False))
+
+    @contextmanager
+    def caches_as(self, view):
+        """Each attention's (cache, latent) replaced by view(cache, latent) inside the block."""
         attns = self.model.attentions()
         saved = [(a.cache, getattr(a, 'latent', False)) for a in attns]
-        for a in attns:
-            a.cache, a.latent = None, False
+        for a, (cache, latent) in zip(attns, saved):
+            a.cache, a.latent = view(cache, latent)
         try:
             yield
         finally:

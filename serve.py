@@ -1,15 +1,19 @@
 """
 An OpenAI-compatible HTTP server for a model trained by train.py, with continuous batching.
-$ python serve.py --out_dir=out-shakespeare-char
+$ python serve.py --out_dir=out-shakespeare-char      # http://127.0.0.1:8000/ is a chat page
 $ python serve.py --out_dir=out --port=8080 --api_key=secret --max_batch=32
 
 Endpoints: POST /v1/completions, /v1/chat/completions, /v1/embeddings, /generate, /tokenize,
-/detokenize; GET /v1/models, /tokenizer_info, /health, /metrics, /docs (OpenAPI).
+/detokenize; GET / (the chat page), /v1/models, /tokenizer_info, /health, /metrics, /docs (OpenAPI).
 
-One background thread owns the engine (engine.py is not thread-safe). HTTP handlers hand it work
-through a thread-safe inbox; between two engine steps it adds new requests and aborts those whose
-client went away, so sequences join and leave the running batch at every step. Each step's changed
-requests go back to their handlers' asyncio queues.
+The engine loop runs in a process of its own (a thread of the server where a test asks), so HTTP
+work never holds up a step; two pipes, non-blocking at both ends, join them. Handlers send it
+commands (new sequences as token ids, aborts of those whose client went away, scoring); it takes all
+that have come between two steps, so requests that arrive together are prefilled together, and
+reports once per step: each changed sequence's new token ids and finish. The event loop appends the
+ids and wakes the handlers; a stream turns ids into text only when it is ready to send more, so an
+event carries all the text generated since the last one (incremental detokenization), and with many
+streams each sends fewer, larger events (--events_per_s is shared by all).
 
 Chat: prepare.chat_template is the one template (the one fine-tuning trains on); generation stops at
 its end-of-message marker. Embeddings: the mean over positions of the final hidden state after the
@@ -18,34 +22,38 @@ engine.score); top_logprobs lists only the token itself, as the engine does not 
 """
 import asyncio
 import base64
+import contextlib
+import itertools
 import json
+import multiprocessing
 import os
-import queue
+import pickle
 import secrets
+import select
 import sys
 import threading
 import time
 import uuid
-from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Literal
 
 import swagger_ui
-import torch
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from checkpoint import CheckpointError, load_model
-from engine import Engine, SamplingParams
-from flags import check_flags, in_range, non_negative, one_of, positive
-from prepare import END, chat_template
+from checkpoint import load_model
+from engine import Engine, SamplingParams, held_back
+from flags import (DTYPES, check_flags, default_device, default_dtype, device_exists, dtype_supported,
+                   end_in_one_line, in_range, non_negative, one_line, one_of, positive)
+from prepare import END, chat_template, get_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
@@ -55,15 +63,18 @@ port = 8000
 max_batch = 64             # sequences decoded together (cache slots)
 max_queue = 256            # sequences waiting for a slot; past that, 429
 max_prompt_tokens = 2048
+prefill_chunk = 2048       # prompt tokens prefilled per engine step; a longer prompt goes in chunks
 max_tokens = 1024          # the most a request may ask to generate
 max_n = 8                  # the most choices per prompt
-api_key = ''               # when set, all but /health, /metrics, /docs need 'Authorization: Bearer <api_key>'
+events_per_s = 4000        # stream events a second, all streams together: many streams send fewer, larger ones
+api_key = ''               # when set, all but /, /health, /metrics, /docs need 'Authorization: Bearer <api_key>'
 model_name = ''            # the id /v1/models reports; '' = out_dir's name
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
+device = default_device()
+dtype = default_dtype()
 cuda_graphs = True         # capture the decode step on CUDA
 speculative = True         # draft with the MTP module where the checkpoint has one
 # -----------------------------------------------------------------------------
+CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'static', 'chat.html')
 
 
 @dataclass
@@ -73,6 +84,7 @@ class Limits:
     max_prompt_tokens: int = 2048
     max_tokens: int = 1024
     max_n: int = 8
+    events_per_s: int = 4000
 
 
 class ApiError(Exception):
@@ -87,127 +99,404 @@ def error_response(status, message, type='invalid_request_error', param=None, co
 
 
 # -----------------------------------------------------------------------------
-# the engine thread
+# the engine's side: where the engine lives (a process of its own, or a thread of the server's)
 
 
-@dataclass
-class Update:
-    """A snapshot of one sequence after an engine step (the engine keeps mutating its Request)."""
-    index: int
-    text: str
-    n_tokens: int
-    finish_reason: str | None
-    tokens: list | None = None       # with the last update only
-    logprobs: list | None = None     # with the last update only
+def load_engine(source, which='latest', device='cpu', dtype='float32', max_batch=64, cuda_graphs=True,
+                speculative=True, prefill_chunk=2048):
+    """The engine python serve.py serves (bench_serve.py loads the same)."""
+    model, checkpoint = load_model(source, which, device, DTYPES[dtype])
+    return Engine(model, checkpoint['tokenizer'], max_batch=max_batch, cuda_graphs=cuda_graphs and 'cuda' in device,
+                  speculative=speculative and model.mtp is not None, prefill_chunk=prefill_chunk)
 
 
-class Batcher:
-    """The one thread that drives the engine: it runs queued work between steps and delivers each
-    step's changes to the handlers waiting for them."""
+class Channel:
+    """One direction of a pipe between the server and the engine loop, carrying pickled messages,
+    non-blocking at both ends: send() never waits (what the pipe cannot take yet stays in a buffer
+    until flush() gets it out), receive() returns the messages complete so far."""
 
-    def __init__(self, load, metrics):
-        self.load, self.metrics = load, metrics
-        self.engine, self.error = None, None
-        self.inbox = queue.SimpleQueue()   # (fn(engine), concurrent Future) or None to stop
-        self.listeners = {}                # engine Request -> (event loop, asyncio.Queue, index)
-        self.thread = threading.Thread(target=self.run, name='engine', daemon=True)
+    def __init__(self, connection):
+        self.connection, self.fd = connection, connection.fileno()  # the connection keeps the fd open
+        os.set_blocking(self.fd, False)
+        self.outgoing, self.incoming, self.closed = bytearray(), bytearray(), False
+
+    def send(self, message):
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.outgoing += len(data).to_bytes(4, 'little') + data
+        return self.flush()
+
+    def flush(self):
+        """Write what the pipe takes -> whether all is out."""
+        try:
+            while self.outgoing:
+                del self.outgoing[:os.write(self.fd, self.outgoing)]
+        except BlockingIOError:
+            return False
+        except BrokenPipeError:  # nobody reads any more
+            self.outgoing.clear()
+        return True
+
+    def receive(self):
+        """The messages complete so far; `closed` tells when the other end has closed the pipe."""
+        try:
+            while data := os.read(self.fd, 1 << 20):
+                self.incoming += data
+            self.closed = True
+        except BlockingIOError:
+            pass
+        messages = []
+        while len(self.incoming) >= 4 and len(self.incoming) >= 4 + (n := int.from_bytes(self.incoming[:4], 'little')):
+            messages.append(pickle.loads(self.incoming[4:4 + n]))
+            del self.incoming[:4 + n]
+        return messages
+
+
+def run_engine(load, commands, reports):
+    """Load the engine, say so (or why not) on `reports`, and run `commands` until told to stop or
+    the server is gone."""
+    outbox = Channel(reports)
+    try:
+        engine = load()
+    except Exception as e:
+        outbox.send(('failed', one_line(e)))
+    else:
+        outbox.send(('ready', {'tokenizer': engine.tokenizer, 'n_vocab': engine.n_vocab,
+                               'block_size': engine.block_size, 'max_batch': engine.max_batch}))
+        EngineLoop(engine, outbox).run(Channel(commands))
+
+
+class EngineLoop:
+    """Runs the server's commands between engine steps and reports each step's changes: per changed
+    sequence (id, new token ids, their logprobs, finish_reason, stop_at)."""
+
+    def __init__(self, engine, outbox):
+        self.engine, self.outbox = engine, outbox
+        self.requests = {}  # sequence id -> engine Request
+        self.reported = {}  # engine Request -> (sequence id, tokens reported so far)
+
+    def run(self, inbox):
+        while True:
+            if not self.engine.has_work():  # idle: wait for a command (or for the pipe to take what waits)
+                select.select([inbox.fd], [self.outbox.fd] if self.outbox.outgoing else [], [])
+            commands = inbox.receive()
+            if inbox.closed:  # the server is gone
+                return
+            for command in commands:
+                if command is None:
+                    return
+                getattr(self, command[0])(*command[1:])
+            changed = self.step() if self.engine.has_work() else []
+            if commands or changed:
+                self.outbox.send(('step', [self.report(r) for r in changed], self.engine.running, len(self.engine.waiting)))
+            else:
+                self.outbox.flush()
+
+    def step(self):
+        try:
+            return self.engine.step()
+        except Exception as e:  # a bug or out of memory: end these requests, go on serving
+            print(f"serve.py: error: engine step failed ({one_line(e)}); aborting {len(self.reported)} requests",
+                  file=sys.stderr)
+            changed = list(self.reported)
+            for r in changed:
+                self.engine.abort(r)
+            return changed
+
+    def report(self, r):
+        seq, n = self.reported.pop(r)
+        if r.done:
+            del self.requests[seq]
+        else:
+            self.reported[r] = (seq, len(r.tokens))
+        return seq, r.tokens[n:], r.logprobs[n:], r.finish_reason, r.stop_at
+
+    # the commands
+
+    def add(self, sequences):
+        for seq, prompt, params in sequences:
+            r = self.engine.add_request(prompt, params)
+            self.requests[seq], self.reported[r] = r, (seq, 0)
+
+    def abort(self, sequences):
+        for seq in sequences:
+            r = self.requests.pop(seq, None)
+            if r is not None:
+                self.engine.abort(r)
+                del self.reported[r]
+
+    def score(self, call, sequences):
+        self.answer(call, lambda: self.engine.score(sequences))
+
+    def embed(self, call, sequences):
+        self.answer(call, lambda: self.engine.embed(sequences).cpu())
+
+    def answer(self, call, fn):
+        try:
+            self.outbox.send(('result', call, fn(), None))
+        except Exception as e:
+            self.outbox.send(('result', call, None, one_line(e)))
+
+
+# -----------------------------------------------------------------------------
+# the server's side
+
+
+class TextStream:
+    """The text of a growing list of token ids, decoding the ids new since the last call and those
+    of the call before (a token's text may depend on its neighbours: a UTF-8 character split over
+    tokens, a leading space some tokenizers drop at the start of a text)."""
+
+    def __init__(self, decode):
+        self.decode, self.text = decode, ''
+        self.prefix, self.read = 0, 0  # ids [prefix, read) gave the last call's text
+
+    def update(self, tokens):
+        before = self.decode(tokens[self.prefix:self.read])
+        now = self.decode(tokens[self.prefix:])
+        if len(now) > len(before) and not now.endswith('\ufffd'):
+            self.text += now[len(before):]
+            self.prefix, self.read = self.read, len(tokens)
+        return self.text
+
+
+class Sequence:
+    """One generated sequence: the token ids the engine has sent, turned into text on demand."""
+
+    def __init__(self, id, index, generation, params, decode):
+        self.id, self.index, self.generation, self.stops, self.decode = id, index, generation, params.stop, decode
+        self.tokens, self.logprobs = [], []
+        self.finish_reason, self.stop_at, self.first_time = None, None, None
+        self.stream = TextStream(decode)
+        self.decoded, self.sent, self.closed = 0, 0, False  # ids decoded, characters given out, finish given out
+
+    @property
+    def text(self):
+        """All the text, once finished: cut at a stop string."""
+        return self.decode(self.tokens)[:self.stop_at]
+
+    def news(self):
+        """(index, the text since the last call, finish_reason) if there is any, else None."""
+        if self.closed or (self.decoded == len(self.tokens) and self.finish_reason is None):
+            return None
+        if self.finish_reason is None:
+            text, self.decoded = self.stream.update(self.tokens), len(self.tokens)
+            text = text[:len(text) - held_back(text, self.stops)]
+            if len(text) == self.sent:
+                return None
+        else:
+            text, self.closed = self.text, True
+        delta, self.sent = text[self.sent:], len(text)
+        return self.index, delta, self.finish_reason
+
+
+class Generation:
+    """One request's sequences; `changed` is set whenever the engine sent any of them something."""
+
+    def __init__(self, arrival, abort):
+        self.arrival, self.abort = arrival, abort
+        self.sequences, self.changed, self.finished = [], asyncio.Event(), asyncio.Event()
+
+    @property
+    def done(self):
+        return all(s.finish_reason is not None for s in self.sequences)
+
+    async def news(self, spacing):
+        """Each time something changed: [(index, new text, finish_reason)] of the sequences with news,
+        everything since the last time (however many steps that was). After news, the next waits
+        spacing() seconds, unless all finish meanwhile."""
+        while True:
+            news = [n for n in map(Sequence.news, self.sequences) if n is not None]
+            if news:
+                yield news
+                await self.pause(spacing())
+            if all(s.closed for s in self.sequences):
+                return
+            await self.changed.wait()
+            self.changed.clear()
+
+    async def pause(self, seconds):
+        if seconds > 0 and not self.done:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self.finished.wait()
+
+    def close(self):
+        """Abort whatever is still running (a client that went away)."""
+        self.abort(self.sequences)
+
+
+class EngineClient:
+    """Starts the engine loop (in a thread, or with process=True in a spawned process: load must then
+    pickle), sends it commands and applies its reports, as the event loop finds them in the pipe, to
+    the sequences handlers wait on. on_failure() is called when there is no engine: it failed to load,
+    or it stopped."""
+
+    def __init__(self, load, metrics, process=False, on_failure=None):
+        self.load, self.metrics, self.process, self.on_failure = load, metrics, process, on_failure
+        self.info, self.error, self.running, self.stopping = None, None, 0, False
+        self.encode = self.decode = None
+        self.sequences = {}  # id -> Sequence the engine is working on
+        self.calls = {}      # id -> asyncio.Future of a score or embed call
+        self.ids = itertools.count()
+        self.worker = None
+
+    def launch(self):
+        """Start the engine loop, if not yet."""
+        if self.worker is not None:
+            return
+        context = multiprocessing.get_context('spawn')  # a fresh interpreter: CUDA works in it
+        (engine_reads, server_writes), (server_reads, engine_writes) = context.Pipe(False), context.Pipe(False)
+        Worker = context.Process if self.process else threading.Thread
+        self.worker = Worker(target=run_engine, args=(self.load, engine_reads, engine_writes), name='engine', daemon=True)
+        self.worker.start()
+        if self.process:  # the child holds these ends now: its exit closes the pipes
+            engine_reads.close()
+            engine_writes.close()
+        self.commands, self.reports = Channel(server_writes), Channel(server_reads)
+
+    def wait_until_loaded(self):
+        """Before serving: block until the engine has loaded (-> True) or failed to (-> False)."""
+        while self.info is None and self.error is None:
+            select.select([self.reports.fd], [], [])
+            self.read_reports()
+        return self.info is not None
 
     def start(self):
-        self.thread.start()
+        """In the event loop: launch the engine loop, if not yet, and follow its reports."""
+        self.loop = asyncio.get_running_loop()
+        self.launch()
+        self.loop.add_reader(self.reports.fd, self.on_reports)
 
     def stop(self):
-        self.inbox.put(None)
-        self.thread.join(timeout=10)
+        self.stopping, self.info = True, None
+        self.send(None)
+        self.worker.join(timeout=10)
+        if self.process and self.worker.is_alive():
+            self.worker.terminate()
+        self.loop.remove_reader(self.reports.fd)
 
-    def run(self):
-        try:
-            engine = self.load()
-        except Exception as e:  # /health says why
-            self.error = f"{type(e).__name__}: {e}"
-            print(f"serve.py: error: the engine did not load ({self.error})", file=sys.stderr)
-            return
-        self.metrics.slots_total.set(engine.max_batch)
-        self.engine = engine
-        while True:
-            for work in self.arrivals(wait=not engine.has_work()):
-                if work is None:
-                    return
-                fn, future = work
-                try:
-                    future.set_result(fn(engine))
-                except Exception as e:
-                    future.set_exception(e)
-            if engine.has_work():
-                self.step(engine)
-            self.metrics.running.set(engine.running)
-            self.metrics.slots_used.set(engine.running)  # one cache slot per running sequence
-            self.metrics.waiting.set(len(self.listeners) - engine.running)
+    def send(self, command):
+        if not self.commands.send(command):  # the pipe is full: the rest goes when it can
+            self.loop.add_writer(self.commands.fd, self.flush_commands)
 
-    def arrivals(self, wait):
-        """Everything in the inbox now; when idle, wait for the first."""
-        items = [self.inbox.get()] if wait else []
-        while True:
-            try:
-                items.append(self.inbox.get_nowait())
-            except queue.Empty:
-                return items
+    def flush_commands(self):
+        if self.commands.flush():
+            self.loop.remove_writer(self.commands.fd)
 
-    def step(self, engine):
-        try:
-            changed = engine.step()
-        except Exception as e:  # a bug or out of memory: end these requests, go on serving
-            print(f"serve.py: error: engine step failed ({type(e).__name__}: {e}); "
-                  f"aborting {len(self.listeners)} requests", file=sys.stderr)
-            changed = list(self.listeners)
-            for r in changed:
-                engine.abort(r)
-        for r in changed:
-            self.deliver(r)
+    def on_reports(self):
+        if self.read_reports():
+            self.loop.remove_reader(self.reports.fd)
 
-    def deliver(self, r):
-        loop, updates, index = self.listeners.pop(r) if r.done else self.listeners[r]
-        update = Update(index, r.text, len(r.tokens), r.finish_reason)
-        if r.done:
-            update.tokens, update.logprobs = list(r.tokens), list(r.logprobs)
-        loop.call_soon_threadsafe(updates.put_nowait, update)
+    def read_reports(self):
+        """Apply the reports in the pipe -> whether the engine is gone (asked to, failed to load,
+        crashed or was killed)."""
+        self.dispatch(self.reports.receive())
+        if self.reports.closed and not (self.stopping or self.error):
+            self.on_failed('the engine stopped unexpectedly')
+        return self.reports.closed
+
+    def dispatch(self, messages):
+        for kind, *body in messages:
+            getattr(self, 'on_' + kind)(*body)
+
+    # the engine's messages
+
+    def on_ready(self, info):
+        self.encode, self.decode = get_tokenizer(info['tokenizer'])
+        self.info = info
+        self.metrics.slots_total.set(info['max_batch'])
+
+    def on_failed(self, why):
+        """No engine (it did not load, or it stopped): end every sequence and call."""
+        self.error, self.info = why, None
+        print(f"serve.py: error: no engine ({why})", file=sys.stderr)
+        self.on_step([(seq, [], [], 'abort', None) for seq in self.sequences], 0, 0)
+        for call in self.calls.values():
+            if not call.done():
+                call.set_exception(self.not_ready())
+        self.calls.clear()
+        if self.on_failure is not None:
+            self.on_failure()
+
+    def on_step(self, updates, running, waiting):
+        now, generated = time.perf_counter(), 0
+        for seq, tokens, logprobs, finish_reason, stop_at in updates:
+            s = self.sequences.get(seq)
+            if s is None:  # aborted meanwhile
+                continue
+            s.tokens += tokens
+            s.logprobs += logprobs
+            generated += len(tokens)
+            if tokens and s.first_time is None:
+                s.first_time = now
+                self.metrics.ttft.observe(now - s.generation.arrival)
+            if finish_reason is not None:
+                self.finish(s, finish_reason, stop_at, now)
+            s.generation.changed.set()
+        self.metrics.generated_tokens.inc(generated)
+        self.running = running
+        self.metrics.running.set(running)
+        self.metrics.slots_used.set(running)  # one cache slot per running sequence
+        self.metrics.waiting.set(waiting)
+
+    def finish(self, s, finish_reason, stop_at, now):
+        del self.sequences[s.id]
+        s.finish_reason, s.stop_at = finish_reason, stop_at
+        if len(s.tokens) > 1:
+            self.metrics.per_token.observe((now - s.first_time) / (len(s.tokens) - 1))
+        if s.generation.done:
+            s.generation.finished.set()
+
+    def on_result(self, call, value, error):
+        future = self.calls.pop(call)
+        if not future.done():
+            if error is None:
+                future.set_result(value)
+            else:
+                future.set_exception(ApiError(500, error, type='server_error'))
+
+    # the handlers' side
 
     def not_ready(self):
         return ApiError(503, f"the model is not loaded{f' ({self.error})' if self.error else ' yet'}",
                         type='server_error', code='model_not_ready')
 
-    def call(self, fn):
-        """Run fn(engine) on the engine thread -> an awaitable of its result."""
-        if self.engine is None:
+    def check_ready(self):
+        if self.info is None:
             raise self.not_ready()
-        future = Future()
-        self.inbox.put((fn, future))
-        return asyncio.wrap_future(future)
 
-    async def start_sequences(self, prompts, params, updates):
-        """Add the sequences to the engine; their updates go to `updates`, tagged by index."""
-        loop = asyncio.get_running_loop()
+    def generate(self, prompts, params):
+        """A Generation of one sequence per (prompt, params), sent to the engine in one message;
+        max_tokens=0 (echo and score only) finishes at once."""
+        self.check_ready()
+        g = Generation(time.perf_counter(), self.abort)
+        work = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            s = Sequence(next(self.ids), i, g, p, self.decode)
+            g.sequences.append(s)
+            if p.max_tokens == 0:
+                s.finish_reason = 'length'
+            else:
+                self.sequences[s.id] = s
+                work.append((s.id, prompt, p))
+        if work:
+            self.send(('add', work))
+        if g.done:
+            g.finished.set()
+        return g
 
-        def add(engine):
-            requests = []
-            try:
-                for i, (prompt, p) in enumerate(zip(prompts, params)):
-                    requests.append(engine.add_request(prompt, p))
-                    self.listeners[requests[-1]] = (loop, updates, i)
-            except ValueError:
-                self.drop(engine, requests)
-                raise
-            return requests
-        return await self.call(add)
+    def abort(self, sequences):
+        ids = [s.id for s in sequences if self.sequences.pop(s.id, None) is not None]
+        if ids:
+            self.send(('abort', ids))
 
-    def drop(self, engine, requests):
-        for r in requests:
-            engine.abort(r)
-            self.listeners.pop(r, None)
-
-    def abort(self, requests):
-        """Free the slots of sequences nobody waits for any more (fire and forget)."""
-        if requests:
-            self.call(lambda engine: self.drop(engine, requests))
+    async def call(self, name, *args):
+        """The engine's score or embed, between two steps."""
+        self.check_ready()
+        call, future = next(self.ids), self.loop.create_future()
+        self.calls[call] = future
+        self.send((name, call, *args))
+        return await future
 
 
 class Metrics:
@@ -218,8 +507,8 @@ class Metrics:
         self.generated_tokens = Counter('serve_generated_tokens', 'tokens generated', registry=r)
         self.ttft = Histogram('serve_time_to_first_token_seconds', 'arrival to first generated token', registry=r,
                               buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.per_token = Histogram('serve_time_per_output_token_seconds', 'time between generated tokens', registry=r,
-                                   buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
+        self.per_token = Histogram('serve_time_per_output_token_seconds', "a sequence's mean time between generated tokens",
+                                   registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
         self.running = Gauge('serve_requests_running', 'sequences in the decode batch', registry=r)
         self.waiting = Gauge('serve_requests_waiting', 'sequences waiting for a cache slot', registry=r)
         self.slots_total = Gauge('serve_cache_slots_total', 'cache slots (max_batch)', registry=r)
@@ -234,6 +523,10 @@ class Body(BaseModel):
     model_config = ConfigDict(extra='forbid', strict=True)
 
 
+class StreamOptions(Body):
+    include_usage: bool = False  # a last chunk with the usage and no choices, as OpenAI sends
+
+
 class Sampling(Body):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
@@ -244,6 +537,7 @@ class Sampling(Body):
     seed: int | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
 
 TokenIds = list[int]
@@ -287,19 +581,22 @@ class DetokenizeRequest(Body):
 # the app
 
 
-def make_app(load, name='model', limits=Limits(), api_key=''):
-    """The FastAPI app. load() -> engine.Engine runs on the engine thread when the app starts
-    (/health is 503 until it returns)."""
+def make_app(load, name='model', limits=Limits(), api_key='', engine_process=False, on_engine_failure=None):
+    """The FastAPI app. load() -> engine.Engine runs when the app starts (or before, through
+    app.state.engine.launch()), in a thread of this process or, with engine_process=True, in a
+    spawned process of its own (load must then pickle, e.g. functools.partial(load_engine, ...));
+    /health is 503 until it returns, and says why if it fails (on_engine_failure() is called then,
+    and if the engine stops later)."""
     metrics = Metrics()
-    batcher = Batcher(load, metrics)
-    outstanding = 0  # sequences admitted and not finished: the running batch plus the queue
+    engine = EngineClient(load, metrics, engine_process, on_engine_failure)
+    streams = 0  # streamed responses open
 
     async def lifespan(app):
-        batcher.start()
+        engine.start()
         yield
-        batcher.stop()
+        engine.stop()
 
-    def check_key(request: HTTPRequest):
+    async def check_key(request: HTTPRequest):  # async: FastAPI would run a plain function in a thread
         given = request.headers.get('authorization', '')
         if api_key and not secrets.compare_digest(given.encode(), f'Bearer {api_key}'.encode()):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
@@ -307,8 +604,9 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
 
     # /docs from swagger-ui-py's copy of Swagger UI: FastAPI's default page loads it from a CDN
     app = FastAPI(title='nanoGPT serve', lifespan=lifespan, description=__doc__, docs_url=None, redoc_url=None)
+    app.state.engine = engine  # python serve.py launches it before serving
     app.mount('/docs-static', StaticFiles(directory=os.path.join(os.path.dirname(swagger_ui.__file__), 'static')))
-    api = APIRouter(dependencies=[Depends(check_key)])  # the model's endpoints; /health and /metrics are open
+    api = APIRouter(dependencies=[Depends(check_key)])  # the model's endpoints; /, /health, /metrics are open
 
     @app.exception_handler(ApiError)
     async def api_error(request, e):
@@ -329,11 +627,6 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
     async def server_error(request, e):
         return error_response(500, f"{type(e).__name__}: {e}", type='server_error')
 
-    def engine():
-        if batcher.engine is None:
-            raise batcher.not_ready()
-        return batcher.engine
-
     def check_model(model):
         if model is not None and model != name:
             raise ApiError(404, f"model {model!r} does not exist: this server serves {name!r}",
@@ -341,16 +634,17 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
 
     def encode(prompt, param='prompt'):
         """A prompt (text or token ids) -> token ids, checked against the limits and the vocabulary."""
+        engine.check_ready()
         if isinstance(prompt, str):
             try:
-                ids = engine().encode(prompt)
+                ids = engine.encode(prompt)
             except ValueError as e:
                 raise ApiError(400, f"{param}: {e}", param=param) from None
         else:
-            ids = prompt
-            bad = next((t for t in ids if not 0 <= t < engine().n_vocab), None)
+            ids, n_vocab = prompt, engine.info['n_vocab']
+            bad = next((t for t in ids if not 0 <= t < n_vocab), None)
             if bad is not None:
-                raise ApiError(400, f"{param}: token id {bad} is outside the vocabulary [0, {engine().n_vocab})", param=param)
+                raise ApiError(400, f"{param}: token id {bad} is outside the vocabulary [0, {n_vocab})", param=param)
         if not ids:
             raise ApiError(400, f"{param}: the prompt is empty", param=param)
         if len(ids) > limits.max_prompt_tokens:
@@ -368,6 +662,8 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
 
     def sampling_params(body, default_max_tokens, logprobs=False, stop=()):
         """One SamplingParams per choice; n > 1 with a seed draws choice i with seed + i."""
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(400, "stream_options: only allowed with stream=true", param='stream_options')
         wanted = default_max_tokens if body.max_tokens is None else body.max_tokens
         if wanted > limits.max_tokens:
             raise ApiError(400, f"max_tokens: {wanted} is more than this server's limit of {limits.max_tokens}",
@@ -381,71 +677,62 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
                               stop=stops + tuple(stop), seed=body.seed, logprobs=logprobs)
         return [replace(base, seed=None if body.seed is None else body.seed + i) for i in range(body.n)]
 
-    async def run(prompts, params):
-        """Start generating every (prompt, params) pair -> an async iterator of their Updates, in
-        step order. Errors (a full queue) come here, before a streamed response has begun."""
-        nonlocal outstanding
-        if outstanding + len(prompts) > limits.max_batch + limits.max_queue:
-            raise ApiError(429, f"the server is busy ({outstanding} sequences running or queued): retry later",
+    def start_generation(prompts, params):
+        """Start generating every (prompt, params) pair -> their Generation, to close() when done
+        with it. A full queue is a 429 here, before a streamed response has begun."""
+        busy = len(engine.sequences)  # running or queued
+        if busy + len(prompts) > limits.max_batch + limits.max_queue:
+            raise ApiError(429, f"the server is busy ({busy} sequences running or queued): retry later",
                            type='rate_limit_error', code='queue_full')
-        live = [i for i, p in enumerate(params) if p.max_tokens > 0]  # max_tokens=0: echo/score only
-        outstanding += len(live)
-        arrival = time.perf_counter()
-        updates = asyncio.Queue()
-        try:
-            requests = await batcher.start_sequences([prompts[i] for i in live], [params[i] for i in live], updates)
-        except Exception as e:
-            outstanding -= len(live)
-            if isinstance(e, ValueError):
-                raise ApiError(400, f"prompt: {e}", param='prompt') from None
-            raise
         metrics.prompt_tokens.inc(sum(map(len, prompts)))
-        return follow(len(prompts), live, requests, updates, arrival)
+        return engine.generate(prompts, params)
 
-    async def follow(n, live, requests, updates, arrival):
-        """Leaving early (a client that went away) aborts whatever is still running."""
-        nonlocal outstanding
+    async def finished(g):
+        """The Generation's sequences once all are done (aborted if the client goes away first)."""
         try:
-            for i in range(n):
-                if i not in live:
-                    yield Update(i, '', 0, 'length', [], [])
-            last_time, last_count, finished = {}, {}, 0
-            while finished < len(live):
-                u = await updates.get()
-                u.index = live[u.index]
-                now, before = time.perf_counter(), last_count.get(u.index, 0)
-                if u.n_tokens > before:
-                    if before == 0:
-                        metrics.ttft.observe(now - arrival)
-                    else:
-                        metrics.per_token.observe((now - last_time[u.index]) / (u.n_tokens - before))
-                    metrics.generated_tokens.inc(u.n_tokens - before)
-                    last_time[u.index], last_count[u.index] = now, u.n_tokens
-                finished += u.finish_reason is not None
-                yield u
+            await g.finished.wait()
+            return g.sequences
         finally:
-            outstanding -= len(live)
-            batcher.abort([r for r in requests if not r.done])
+            g.close()
 
     def check_streamable(body):
         if body.stream and getattr(body, 'logprobs', None) is not None:
             raise ApiError(400, "logprobs: not supported with stream=true", param='logprobs')
 
-    def sse(chunks):
+    def streamed(body, envelope, prompts, g, choice):
+        """The streamed response: whenever there is news, one write of one event per choice with news
+        (all its text since its last event); with include_usage, then a chunk with the usage and no
+        choices; then [DONE]. choice(index, text, finish_reason) -> a choice, envelope(choices) -> a
+        chunk. Streams share limits.events_per_s: with many, each sends fewer, larger events, so that
+        neither this process nor the clients spend a step's time on every token of every stream."""
+        with_usage = body.stream_options is not None and body.stream_options.include_usage
+        no_usage_yet = {'usage': None} if with_usage else {}
+
+        def event(choices, **usage_field):
+            return f"data: {json.dumps({**envelope(choices), **usage_field}, ensure_ascii=False)}\n\n"
+
         async def events():
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-            yield "data: [DONE]\n\n"
+            nonlocal streams
+            streams += 1
+            try:
+                async for news in g.news(lambda: streams / limits.events_per_s):
+                    yield ''.join(event([choice(*n)], **no_usage_yet) for n in news)
+                if with_usage:
+                    yield event([], usage=usage(prompts, g.sequences))
+                yield "data: [DONE]\n\n"
+            finally:
+                streams -= 1
+                g.close()
         return StreamingResponse(events(), media_type='text/event-stream')
 
-    def usage(prompts, n_generated):
-        n_prompt = sum(map(len, prompts))
+    def usage(prompts, sequences):
+        n_prompt, n_generated = sum(map(len, prompts)), sum(len(s.tokens) for s in sequences)
         return {'prompt_tokens': n_prompt, 'completion_tokens': n_generated, 'total_tokens': n_prompt + n_generated}
 
     def token_logprobs(prompt, generated, scores, logprobs):
         """OpenAI's logprobs object for prompt (echoed, or [] if not) followed by generated."""
         ids, values = prompt + generated, ([None] + scores if prompt else []) + logprobs
-        tokens = [engine().decode([t]) for t in ids]
+        tokens = [engine.decode([t]) for t in ids]
         offsets = [0]  # into the choice's text
         for t in tokens[:-1]:
             offsets.append(offsets[-1] + len(t))
@@ -462,34 +749,33 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
         prompts = [encode(p) for p in as_prompt_list(body.prompt)]
         per_prompt = sampling_params(body, 16, logprobs=body.logprobs is not None)
         seqs = [p for p in prompts for _ in per_prompt]
-        texts = [engine().decode(p) if body.echo else '' for p in seqs]
+        texts = [engine.decode(p) if body.echo else '' for p in seqs]
         rid, created = f'cmpl-{uuid.uuid4().hex}', int(time.time())
-        updates = await run(seqs, per_prompt * len(prompts))
+        g = start_generation(seqs, per_prompt * len(prompts))
 
-        def chunk(choices):
+        def envelope(choices):
             return {'id': rid, 'object': 'text_completion', 'created': created, 'model': name, 'choices': choices}
 
         if body.stream:
-            async def chunks():
-                sent = [None] * len(seqs)  # None: nothing yet, the echoed prompt goes first
-                async for u in updates:
-                    delta = u.text[sent[u.index] or 0:]
-                    if sent[u.index] is None:
-                        delta = texts[u.index] + delta
-                    sent[u.index] = len(u.text)
-                    yield chunk([{'index': u.index, 'text': delta, 'logprobs': None, 'finish_reason': u.finish_reason}])
-            return sse(chunks())
+            started = set()  # the echoed prompt goes out with a choice's first event
 
-        final = {u.index: u async for u in updates if u.finish_reason}
-        scores = await batcher.call(lambda e: e.score(prompts)) if body.echo and body.logprobs is not None else None
+            def choice(index, text, finish_reason):
+                if index not in started:
+                    started.add(index)
+                    text = texts[index] + text
+                return {'index': index, 'text': text, 'logprobs': None, 'finish_reason': finish_reason}
+            return streamed(body, envelope, prompts, g, choice)
+
+        done = await finished(g)
+        scores = await engine.call('score', prompts) if body.echo and body.logprobs is not None else None
         choices = []
-        for i, u in sorted(final.items()):
+        for i, s in enumerate(done):
             logprobs = None
             if body.logprobs is not None:
                 echoed = seqs[i] if body.echo else []
-                logprobs = token_logprobs(echoed, u.tokens, scores[i // body.n] if scores else [], u.logprobs)
-            choices.append({'index': i, 'text': texts[i] + u.text, 'logprobs': logprobs, 'finish_reason': u.finish_reason})
-        return {**chunk(choices), 'usage': usage(prompts, sum(len(u.tokens) for u in final.values()))}
+                logprobs = token_logprobs(echoed, s.tokens, scores[i // body.n] if scores else [], s.logprobs)
+            choices.append({'index': i, 'text': texts[i] + s.text, 'logprobs': logprobs, 'finish_reason': s.finish_reason})
+        return {**envelope(choices), 'usage': usage(prompts, done)}
 
     @api.post('/v1/chat/completions')
     async def chat_completions(body: ChatRequest):
@@ -502,25 +788,24 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
         prompt = encode(text, 'messages')
         params = sampling_params(body, limits.max_tokens, stop=(END,))
         rid, created = f'chatcmpl-{uuid.uuid4().hex}', int(time.time())
-        updates = await run([prompt] * body.n, params)
+        g = start_generation([prompt] * body.n, params)
 
-        def chunk(choices, object='chat.completion'):
+        def envelope(choices, object='chat.completion'):
             return {'id': rid, 'object': object, 'created': created, 'model': name, 'choices': choices}
 
         if body.stream:
-            async def chunks():
-                sent = [None] * body.n
-                async for u in updates:
-                    delta = {} if sent[u.index] is not None else {'role': 'assistant'}
-                    delta['content'] = u.text[sent[u.index] or 0:]
-                    sent[u.index] = len(u.text)
-                    yield chunk([{'index': u.index, 'delta': delta, 'finish_reason': u.finish_reason}], 'chat.completion.chunk')
-            return sse(chunks())
+            started = set()  # the role goes out with a choice's first event
 
-        final = {u.index: u async for u in updates if u.finish_reason}
-        choices = [{'index': i, 'message': {'role': 'assistant', 'content': u.text}, 'finish_reason': u.finish_reason}
-                   for i, u in sorted(final.items())]
-        return {**chunk(choices), 'usage': usage([prompt], sum(len(u.tokens) for u in final.values()))}
+            def choice(index, text, finish_reason):
+                delta = {'content': text} if index in started else {'role': 'assistant', 'content': text}
+                started.add(index)
+                return {'index': index, 'delta': delta, 'finish_reason': finish_reason}
+            return streamed(body, partial(envelope, object='chat.completion.chunk'), [prompt], g, choice)
+
+        done = await finished(g)
+        choices = [{'index': s.index, 'message': {'role': 'assistant', 'content': s.text}, 'finish_reason': s.finish_reason}
+                   for s in done]
+        return {**envelope(choices), 'usage': usage([prompt], done)}
 
     @api.post('/generate')
     async def generate(body: GenerateRequest):
@@ -528,18 +813,18 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
         metrics.requests.labels('generate').inc()
         if body.n != 1 or body.stream:
             raise ApiError(400, "n and stream: use /v1/completions", param='n' if body.n != 1 else 'stream')
-        final = [u async for u in await run([encode(body.prompt)], sampling_params(body, 16)) if u.finish_reason]
-        return {'text': final[0].text}
+        done = await finished(start_generation([encode(body.prompt)], sampling_params(body, 16)))
+        return {'text': done[0].text}
 
     @api.post('/v1/embeddings')
     async def embeddings(body: EmbeddingRequest):
         metrics.requests.labels('embeddings').inc()
         check_model(body.model)
         inputs = [encode(p, 'input') for p in as_prompt_list(body.input)]
-        vectors = await batcher.call(lambda e: e.embed(inputs))
+        vectors = await engine.call('embed', inputs)
         data = [{'object': 'embedding', 'index': i,
                  'embedding': base64.b64encode(v.numpy().astype('<f4').tobytes()).decode()
-                 if body.encoding_format == 'base64' else v.tolist()} for i, v in enumerate(vectors.cpu())]
+                 if body.encoding_format == 'base64' else v.tolist()} for i, v in enumerate(vectors)]
         n = sum(map(len, inputs))
         return {'object': 'list', 'data': data, 'model': name, 'usage': {'prompt_tokens': n, 'total_tokens': n}}
 
@@ -550,24 +835,30 @@ def make_app(load, name='model', limits=Limits(), api_key=''):
     # vLLM's tokenizer endpoints: lm-evaluation-harness (tokenizer_backend=remote) tokenizes through them
     @api.get('/tokenizer_info')
     async def tokenizer_info():
-        return {'eos_token': None, 'bos_token': None, 'pad_token': None, 'model_max_length': engine().block_size}
+        engine.check_ready()
+        return {'eos_token': None, 'bos_token': None, 'pad_token': None, 'model_max_length': engine.info['block_size']}
 
     @api.post('/tokenize')
     async def tokenize(body: TokenizeRequest):
         ids = encode(body.prompt)
-        return {'tokens': ids, 'count': len(ids), 'max_model_len': engine().block_size}
+        return {'tokens': ids, 'count': len(ids), 'max_model_len': engine.info['block_size']}
 
     @api.post('/detokenize')
     async def detokenize(body: DetokenizeRequest):
-        return {'prompt': engine().decode(encode(body.tokens, 'tokens'))}
+        return {'prompt': engine.decode(encode(body.tokens, 'tokens'))}
 
     # -------------------------------------------------------------------------
 
     app.include_router(api)
 
+    @app.get('/', include_in_schema=False)
+    async def chat_page():
+        return FileResponse(CHAT_PAGE, media_type='text/html')
+
     @app.get('/health')
     async def health():
-        return {'status': 'ok', 'running': engine().running}
+        engine.check_ready()
+        return {'status': 'ok', 'running': engine.running}
 
     @app.get('/docs', include_in_schema=False)
     async def docs():
@@ -591,18 +882,22 @@ if __name__ == '__main__':
         'ckpt': one_of('latest', 'best'),
         'port': in_range(1, 65535),
         'max_batch': positive, 'max_queue': non_negative, 'max_prompt_tokens': positive,
-        'max_tokens': positive, 'max_n': positive,
-        'dtype': one_of('float32', 'bfloat16', 'float16'),
+        'max_tokens': positive, 'max_n': positive, 'events_per_s': positive, 'prefill_chunk': positive,
+        'device': device_exists(), 'dtype': dtype_supported(),
     })
-    try:
-        model, checkpoint = load_model(out_dir, ckpt, device, getattr(torch, dtype))
-    except CheckpointError as e:
-        raise SystemExit(f"serve.py: error: {e}")
-
-    def load():
-        return Engine(model, checkpoint['tokenizer'], max_batch=max_batch, cuda_graphs=cuda_graphs and 'cuda' in device,
-                      speculative=speculative and model.mtp is not None)
-
+    end_in_one_line('serve.py', '--max_batch')
+    load = partial(load_engine, out_dir, ckpt, device, dtype, max_batch, cuda_graphs, speculative, prefill_chunk)
     name = model_name or os.path.basename(os.path.abspath(out_dir))
-    app = make_app(load, name, Limits(max_batch, max_queue, max_prompt_tokens, max_tokens, max_n), api_key)
-    uvicorn.run(app, host=host, port=port)
+    limits = Limits(max_batch, max_queue, max_prompt_tokens, max_tokens, max_n, events_per_s)
+
+    engine_failed = threading.Event()
+
+    def give_up():  # no engine: nothing to serve (stderr says why)
+        engine_failed.set()
+        server.should_exit = True
+    app = make_app(load, name, limits, api_key, True, give_up)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port))
+    app.state.engine.launch()  # the model loads before the port opens: a checkpoint's error is one line
+    if app.state.engine.wait_until_loaded():
+        server.run()
+    sys.exit(1 if engine_failed.is_set() or not server.started else 0)
