@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO / 'tests'))
 import torch._inductor.compile_fx  # noqa: E402
 
 from model import ModelConfig, Transformer  # noqa: E402
-from test_train import MICRO, SHAKESPEARE, records, run  # noqa: E402
+from test_train import MICRO, records, run, work  # noqa: E402,F401 (work is a fixture)
 
 
 @pytest.mark.parametrize('recompute', [False, True])
@@ -54,13 +54,6 @@ def test_each_kind_of_block_compiles_once(monkeypatch, recompute):
             model(x, y, return_logits=False)  # as train.py's evaluation
     torch._dynamo.reset()
     assert len(model.blocks()) == 4 and len(graphs) == 6
-
-
-@pytest.fixture(scope='module')
-def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp('work')
-    run([str(REPO / 'prepare.py'), 'shakespeare_char', '--input', str(SHAKESPEARE)], d)
-    return d
 
 
 def train(cwd, *args, check=True, env=None):

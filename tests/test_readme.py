@@ -80,3 +80,8 @@ def test_readme_commands_run_in_order(tmp_path):
         assert p.returncode == 0, f"{command}\n{p.stdout[-1500:]}\n{p.stderr[-3000:]}"
         print(f"{time.time() - t0:6.1f} s  {command[:100]}")
     assert (tmp_path / 'out-merged' / 'ckpt.pt').exists() and (tmp_path / 'hf-v3' / 'config.json').exists()
+
+
+def test_readme_test_line_is_the_one_ci_runs():
+    line = next(c for c in (REPO / 'README.md').read_text().splitlines() if '-m pytest' in c)
+    assert line.startswith('pip install') and line in (REPO / '.ci' / 'run').read_text()

@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO / 'tests'))
 from muon import Muon, orthogonalize  # noqa: E402
 from prepare import (DOC_START, LOSS, mask_path, read_mask, read_shard, read_windows, sft_window,  # noqa: E402
                      write_mask, write_shard)
-from test_train import MICRO, SHAKESPEARE, records, run  # noqa: E402
+from test_train import MICRO, records, run, work  # noqa: E402,F401 (work is a fixture)
 
 T = 16  # window length: block_size + 1
 
@@ -69,13 +69,6 @@ def test_muon_orthogonalizes_each_expert_on_its_own():
     w.grad = g
     opt.step()  # no momentum, no decay: the step is -lr * 0.2 sqrt(32) * the orthogonalized gradient
     assert torch.allclose(w.detach(), -0.1 * 0.2 * 32 ** 0.5 * stacked, atol=1e-6)
-
-
-@pytest.fixture(scope='module')
-def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp('work')
-    run([str(REPO / 'prepare.py'), 'shakespeare_char', '--input', str(SHAKESPEARE)], d)
-    return d
 
 
 def train(cwd, *args, check=True, env=None):
