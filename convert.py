@@ -27,15 +27,11 @@ import torch
 
 from checkpoint import FILES, SHARDED_FILES, CheckpointError, checkpoint_file, load_model, lock_dir, \
     read_checkpoint, run_files, save_checkpoint
-from flags import end_in_one_line
+from flags import UsageError, end_in_one_line
 from hf import PRESETS, HFError, adapter_summary, export, missing_root, peft_adapter, random_dir
 from model import ModelConfig, Transformer
 from parallel import load_sharded, read_sharded_meta, sharded_checkpoint
 from prepare import remove_path, writable_dir
-
-
-class UsageError(ValueError):
-    """A flag the command refuses (exit code 2), found before anything is loaded or written."""
 
 
 def fail(msg, code=1):

@@ -74,6 +74,11 @@ def end_in_one_line(script, memory_advice, note=lambda: ''):
     sys.excepthook = hook
 
 
+class UsageError(ValueError):
+    """A bad or contradictory flag, found before anything is read or written: exit code 2 (bad data
+    or a file that fails is 1)."""
+
+
 def usage_error(script, msg):
     print(f"{script}: error: {msg}", file=sys.stderr)
     sys.exit(2)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
-from flags import end_in_one_line, one_line, usage_error
+from flags import UsageError, end_in_one_line, one_line, usage_error
 
 SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 SHAKESPEARE_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
@@ -53,9 +53,6 @@ SHAKESPEARE = {'shakespeare': 'gpt2', 'shakespeare_char': 'char'}  # NAME -> tok
 DATASETS_EXTS = {'.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}
 HF_EOT = '<|endoftext|>'  # the special token a trained BPE gets (and SmolLM2's, GPT-2's)
 PREPARED = ('train_*.bin', 'val_*.bin', 'tokenizer.json', 'meta.json')  # what a run writes into data/NAME
-
-class UsageError(ValueError):
-    """A bad or contradictory flag: exit code 2, where bad data is 1."""
 
 # -----------------------------------------------------------------------------
 # tokenizers
