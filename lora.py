@@ -32,6 +32,7 @@ import types
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from model import MoE, grouped_mm
 
@@ -55,6 +56,9 @@ class LoRA(nn.Module):
         A, B = self.A.to(x.dtype), self.B.to(x.dtype)
         if offsets is None:
             return self.scale * (x @ A @ B)
+        # grouped matmuls take rows of a multiple of 16 bytes: the rank padded with zero factors to one
+        pad = -A.size(-1) % 8
+        A, B = F.pad(A, (0, pad)), F.pad(B, (0, 0, 0, pad))
         return self.scale * grouped_mm(grouped_mm(x, A, offsets), B, offsets)
 
     def delta(self):

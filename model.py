@@ -428,6 +428,8 @@ def grouped_mm(x, w, offsets):
 class MoE(nn.Module):
     """DeepSeekMoE: shared experts see every token; each token's top-k routed experts are run
     dropless as grouped matmuls over token copies sorted by expert."""
+    grouped_mm = staticmethod(grouped_mm)  # the experts' matmul; fp8.use_fp8 sets an fp8 one per layer
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -461,7 +463,7 @@ class MoE(nn.Module):
         replaces it on a MoE layer with a dispatch to the ranks that own the experts."""
         if self.gate_up_in_one():
             w13 = torch.cat([self.w1, self.w3], -1).to(x_sorted.dtype)
-            h1, h3 = grouped_mm(x_sorted, w13, offsets).chunk(2, -1)
+            h1, h3 = self.grouped_mm(x_sorted, w13, offsets).chunk(2, -1)
         else:
             h1, h3 = self.expert_mm(x_sorted, 'w1', offsets), self.expert_mm(x_sorted, 'w3', offsets)
         return self.expert_mm(F.silu(h1) * h3, 'w2', offsets)
@@ -478,7 +480,7 @@ class MoE(nn.Module):
     def expert_mm(self, x, name, offsets):
         """Rows sorted by expert times each expert's stacked weight `name` (w1, w2, w3); the seam
         where lora.py adds its per-expert low-rank term."""
-        return grouped_mm(x, getattr(self, name).to(x.dtype), offsets)
+        return self.grouped_mm(x, getattr(self, name).to(x.dtype), offsets)
 
     def aux_losses(self, scores, logits, indices, B, T):
         """V3's sequence-wise balance loss alpha * sum_i f_i P_i, and the router z-loss."""

@@ -10,18 +10,14 @@ Sharded training, for models past one GPU's memory, on torch.distributed's own e
   world size and parallelism, and `python convert.py to_plain` for the single-file checkpoint that
   sample.py, eval.py and serve.py read.
 The router's bias update and balance statistics stay global: train.py all-reduces the loads.
+torch.distributed's DCP, FSDP and DTensor modules are imported where they are used: together they
+take ~0.7 s to import, which every train.py start would pay, sharded or not.
 """
 import os
 import shutil
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed._functional_collectives import all_to_all_single_autograd
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import ops
 from checkpoint import SHARDED_FILES
@@ -37,6 +33,7 @@ class ExpertParallel:
         self.n_local = moe.cfg.n_routed_experts // self.ep
 
     def __call__(self, x_sorted, offsets):
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
         counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()  # rows per global expert
         received = torch.empty_like(counts)  # [source rank, my expert]: rows each rank sends me
         dist.all_to_all_single(received, counts, group=self.group)
@@ -55,6 +52,8 @@ class Sharding:
     """What train.py needs of a sharded run: the wrapped model, the gradient steps FSDP and EP
     leave to the loop, and DCP state dicts in which experts are global tensors."""
     def __init__(self, model, fsdp, ep, device_type, dtype=None):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         world = dist.get_world_size()
         self.fsdp, self.ep, self.world = fsdp, ep, world
         self.mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=('dp', 'ep'))
@@ -101,6 +100,7 @@ class Sharding:
 
     def clip_grad_norm(self, parameters, max_norm):
         """torch's clip_grad_norm_ over FSDP's sharded and EP's local gradients together -> the norm."""
+        from torch.distributed.tensor import DTensor
         params = [p for p in parameters if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p not in self.expert_params])
         norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2
@@ -116,6 +116,8 @@ class Sharding:
 
     def state_dicts(self, model, optimizer):
         """Model and optimizer state dicts for DCP, the local experts as shards of global tensors."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.tensor import DTensor, Replicate, Shard
         weights, optim = get_state_dict(model, optimizer)
         self._map_experts(weights, optim, lambda t: DTensor.from_local(t, self.mesh, [Replicate(), Shard(0)],
                                                                        run_check=False))
@@ -138,6 +140,7 @@ def save_sharded(out_dir, which, iter_num, model, optimizer, sharding, meta):
     """Every rank writes its shards to a fresh directory; rank 0 adds meta.pt and only then points
     the link (ckpt.dcp or best.dcp) at it, by an atomic rename: a crash mid-write leaves the link
     at the previous complete checkpoint."""
+    import torch.distributed.checkpoint as dcp
     name = f"{SHARDED_FILES[which][:-len('.dcp')]}.{iter_num:07d}.dcp"
     target = os.path.join(out_dir, name)
     weights, optim = sharding.state_dicts(model, optimizer)
@@ -177,6 +180,8 @@ def read_sharded_meta(path):
 def load_sharded(path, model, optimizer, sharding=None):
     """Loads a DCP checkpoint into model and optimizer however they are sharded now (a plain model
     in one process too): DCP reads the pieces each rank needs."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     weights, optim = sharding.state_dicts(model, optimizer) if sharding else get_state_dict(model, optimizer)
     dcp.load({'model': weights, 'optimizer': optim}, checkpoint_id=path, no_dist=not dist.is_initialized())
     if sharding:

@@ -34,6 +34,7 @@ from checkpoint import (RESUMABLE, CheckpointError, check_model_args, checkpoint
 from flags import (DTYPES, at_most, below, boolean, check_flags, cross_rule, cuda_for_nccl, default_device,
                    default_dtype, device_exists, divides, divides_world_size, dtype_supported, end_in_one_line,
                    less_than, needs_torchrun, non_empty, non_negative, one_line, one_of, positive, rule)
+from fp8 import supported as fp8_supported, use_fp8
 from lora import add_lora, lora_state_dict, num_trainable
 from model import ModelConfig, Transformer, padded_vocab
 from parallel import Sharding, load_sharded, read_sharded_meta, relink, save_sharded, sharded_checkpoint
@@ -84,10 +85,11 @@ backend = 'nccl' if torch.cuda.is_available() else 'gloo'
 device = default_device()
 dtype = default_dtype()
 compile = torch.cuda.is_available()
-# torch.compile each kind of block once (dense, MoE) for all its layers, and the head's loss; the rest runs
-# eagerly (Transformer.compile_regions): a fraction of the whole model's compile time (notes/training.md 14).
+# True: torch.compile each kind of block once (dense, MoE) for all its layers, and the head's loss; the rest
+# runs eagerly (Transformer.compile_regions): predicted to start in a fraction of the whole model's compile
+# time at a few % more per step, not yet measured on a GPU (notes/training.md 14), so not the default.
 # False: the whole model as one graph. Sharded runs always compile by regions.
-compile_regions = True
+compile_regions = False
 # torch.compile's mode: 'reduce-overhead' replays forward and backward as CUDA graphs (the MoE's shapes
 # are static). 'auto': that on one GPU with one micro-step per step (with several, a replay overwrote
 # outputs the step still needed, on an H100), else 'default'
@@ -95,6 +97,8 @@ compile_mode = 'auto'
 activation_checkpointing = False  # recompute each block's activations in the backward: less memory
 cast_weights_once = True  # several micro-steps in bf16/fp16 on one process: the matmul weights' copies in
                           # that dtype are made once a step, not in every micro-step (notes/training.md 13)
+fp8 = False  # the matmuls in float8 e4m3 with row-wise scales, forward and backward (fp8.py); GPUs of
+             # compute capability 8.9+; checkpoints stay ordinary ones
 memory_limit_gib = 0.0  # CUDA only: cap this process's allocations (torch.cuda.set_per_process_memory_fraction),
                         # an out-of-memory error past it, as on a smaller GPU; 0 = off
 # sharding under torchrun (parallel.py); neither: DDP, every rank holding the whole model
@@ -110,8 +114,7 @@ check_flags('train.py', globals(), {
     'out_dir': non_empty, 'dataset': non_empty,
     'eval_interval': positive, 'log_interval': positive, 'eval_iters': positive,
     'eval_only': boolean, 'always_save_checkpoint': boolean, 'decay_lr': boolean, 'compile': boolean,
-    'compile_regions': [boolean, cross_rule(lambda v, f: v or not (f['fsdp'] or f['ep'] != 1),
-                                            "sharded runs (--fsdp, --ep) compile by regions, block by block")],
+    'compile_regions': boolean,
     'compile_mode': [one_of('auto', 'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
                      rule(lambda v: v in ('auto', 'default', 'max-autotune-no-cudagraphs') or 'RANK' not in os.environ,
                           "CUDA graphs take one process: under torchrun 'default' or 'max-autotune-no-cudagraphs'"),
@@ -135,6 +138,8 @@ check_flags('train.py', globals(), {
     'lr_decay_iters': positive, 'warmup_iters': [non_negative, less_than('lr_decay_iters', unless='decay_lr')],
     'backend': [one_of('nccl', 'gloo'), cuda_for_nccl], 'device': device_exists(), 'dtype': dtype_supported(),
     'seed': non_negative,
+    'fp8': [boolean, cross_rule(lambda v, f: not v or fp8_supported(f['device']) and f['dtype'] == 'bfloat16',
+                                "needs --dtype=bfloat16 on a CUDA GPU of compute capability 8.9+ (Ada, Hopper)")],
     'memory_limit_gib': [non_negative, cross_rule(lambda v, f: not v or f['device'].startswith('cuda'),
                                                   "needs a CUDA device: it caps the CUDA memory allocator (0 = off)")],
 })
@@ -418,6 +423,10 @@ else:
             print(f"LoRA rank {lora_rank} on {len(adapted)} weights: {', '.join(kinds)}")
 init_model = None
 model.train().to(device)
+if fp8:
+    kept_bf16 = use_fp8(model)
+    if master and kept_bf16:
+        print(f"fp8: {len(kept_bf16)} weights stay bf16 (sizes not multiples of 16), e.g. {kept_bf16[0]}")
 if activation_checkpointing:  # keep only each block's input; recompute the rest in the backward
     for block in model.blocks():
         block.recompute = True
@@ -447,7 +456,7 @@ if checkpoint is not None:
 checkpoint = None
 
 raw_model = model
-if compile and compile_regions:  # sharded: each block inside FSDP2's gathers
+if compile and (compile_regions or sharded):  # sharded: each block inside FSDP2's gathers
     model.compile_regions(compile_mode)
 elif compile:
     model = torch.compile(model, mode=compile_mode)
@@ -605,7 +614,8 @@ def plot_expert_load():
     n_layers, n_experts = load.shape[1:]
     fig, axes = plt.subplots(n_layers, 1, figsize=(8, 1.2 + 0.12 * n_experts * n_layers), squeeze=False,
                              sharex=True)
-    extent = (train[0]['iter'], train[-1]['iter'], n_experts - 0.5, -0.5)
+    half = log_interval / 2  # each log's column centred on its step (and a width when there is one log)
+    extent = (train[0]['iter'] - half, train[-1]['iter'] + half, n_experts - 0.5, -0.5)
     for i, ax in enumerate(axes[:, 0]):
         im = ax.imshow(load[:, i].T * n_experts, aspect='auto', extent=extent, interpolation='nearest')
         ax.set(ylabel=f'MoE layer {i}\nexpert')

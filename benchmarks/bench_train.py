@@ -5,7 +5,8 @@ mode, timed with CUDA events, next to the summed time of the step's GPU kernels 
 step is the share of the step the GPU is busy ('regions': each block and the head's loss compiled with
 'reduce-overhead', as train.py does on one GPU; the other modes compile the whole model). Then a short
 real train.py run of the same config (the whole loop: data, logging, its default compile mode) for the
-tokens/s train.py logs once compiled. --to_loss L also runs the config and reports the wall time from launching train.py
+tokens/s train.py logs once compiled. --fp8 times each step and the loop a second time with train.py's
+--fp8=True (fp8.py), side by side with bf16, and gives both loops' losses at step 60. --to_loss L also runs the config and reports the wall time from launching train.py
 to the first eval it prints at val loss <= L (start-up, compilation and evaluations included); with
 --nanogpt DIR, the same for nanoGPT's own `train.py config/train_shakespeare_char.py` in that checkout
 (its data prepared there), run before ours in the same call.
@@ -25,6 +26,7 @@ $ python benchmarks/bench_train.py [config/train_shakespeare_char.py] [--optimiz
                                    [--to_loss 1.4645 [--nanogpt PATH]] [--batch_size N] [--profile N] [--out PATH]
 $ python benchmarks/bench_train.py config/train_shakespeare_char.py --cold_start --to_loss 1.48 [--nanogpt PATH]
 $ python benchmarks/bench_train.py config/train_scale.py --first_step 20
+$ python benchmarks/bench_train.py config/train_scale.py --fp8 --modes=regions
 """
 import argparse
 import json
@@ -43,6 +45,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the repository's modules
 from benchmarks.timing import events_ms, kernel_ms, kernels, markdown_table
+from fp8 import use_fp8
 from model import ModelConfig, Transformer, padded_vocab
 from prepare import write_text
 
@@ -59,6 +62,7 @@ parser.add_argument('--profile', type=int, default=0, help="also print each mode
 parser.add_argument('--out', default=None, help='also write the markdown table to this file')
 parser.add_argument('--cold_start', action='store_true', help='time train.py runs from launch, caches cold and warm')
 parser.add_argument('--first_step', type=int, default=0, help='time cold train.py runs to their Nth step only')
+parser.add_argument('--fp8', action='store_true', help='each step and the loop also with fp8 matmuls')
 parser.add_argument('--variants', default='regions,whole', help="--cold_start's compile_regions: True, False")
 args = parser.parse_args()
 if not set(args.variants.split(',')) <= {'regions', 'whole'}:
@@ -75,11 +79,13 @@ B, T = args.batch_size or run.get('batch_size', 32), cfg.block_size
 lr = run.get('learning_rate', 1e-3)
 
 
-def training_step(mode):
+def training_step(mode, fp8=False):
     """train.py's step, on one fixed random batch, with torch.compile(mode) (none: eager) -> (step, model)."""
     torch._dynamo.reset()  # each mode compiles afresh
     torch.manual_seed(1337)
     model = Transformer(cfg).cuda().train()
+    if fp8:
+        use_fp8(model)
     optimizer = model.configure_optimizers(run.get('weight_decay', 0.1), lr, (0.9, run.get('beta2', 0.95)), 'cuda',
                                            muon_lr=lr if args.optimizer == 'muon' else 0.0)
     if mode == 'regions':
@@ -104,17 +110,23 @@ def our_train_py(out_dir, *flags):
             f'--out_dir={out_dir}', f'--optimizer={args.optimizer}', f'--batch_size={B}', *flags]
 
 
-def loop_speed():
-    """ms/iter and tokens/s of a short train.py run, past its first 100 steps (compilation)."""
+def loop_speed(fp8=False):
+    """ms/iter, tokens/s and MFU (against the bf16 peak) of a short train.py run, past its first 100
+    steps (compilation), and its training loss at step 60."""
     n = args.loop_iters
     with tempfile.TemporaryDirectory() as out_dir:
         p = subprocess.run(our_train_py(out_dir, f'--max_iters={n}', f'--lr_decay_iters={n}', f'--eval_interval={n}',
-                                        '--eval_iters=5', '--log_interval=25'), capture_output=True, text=True)
+                                        '--eval_iters=5', '--log_interval=10', f'--fp8={fp8}'),
+                           capture_output=True, text=True)
         if p.returncode:
             sys.exit(f"train.py failed:\n{p.stderr[-3000:]}")
         with open(os.path.join(out_dir, 'log.jsonl')) as f:
-            logged = [r for r in map(json.loads, f) if r['kind'] == 'train' and r['iter'] >= 100]
-    return statistics.median(r['ms'] for r in logged), statistics.median(r['tokens_per_sec'] for r in logged)
+            logged = [r for r in map(json.loads, f) if r['kind'] == 'train']
+    steady = [r for r in logged if r['iter'] >= 100]
+    loss_60 = next((r['loss'] for r in logged if r['iter'] == 60), float('nan'))
+    mfu = statistics.median(r['mfu'] or 0.0 for r in steady)
+    return (statistics.median(r['ms'] for r in steady), statistics.median(r['tokens_per_sec'] for r in steady),
+            mfu, loss_60)
 
 
 NANOGPT = [sys.executable, 'train.py', 'config/train_shakespeare_char.py']  # run in the checkout
@@ -237,24 +249,27 @@ def cold_start():
 def speed():
     """The table's rows without --cold_start or --first_step: each mode's step, the loop, time to loss."""
     rows = []
+    precisions = (False, True) if args.fp8 else (False,)
     for mode in filter(None, args.modes.split(',')):  # --modes='' times only the runs below
-        step, model = training_step(mode)
-        for _ in range(5):  # compile, then CUDA graphs' warm-up and recording
-            step()
-        torch.cuda.synchronize()
-        step_ms, launched = events_ms(step), kernels(step)
-        gpu_ms, _ = kernel_ms(launched)
-        for name, us, count in launched[:args.profile]:  # the MoE and MLA paths' costs, by kernel
-            print(f"  {us:9.1f} us {count:4d}x  {name[:110]}")
-        mfu = model.estimate_mfu(B * T / step_ms * 1e3, 'cuda')
-        rows.append((f'step, {mode}', f"{step_ms:.2f}", f"{gpu_ms:.2f}", f"{gpu_ms / step_ms:.0%}",
-                     f"{B * T / step_ms * 1e3:,.0f}", '' if mfu is None else f"{mfu:.1%}"))
-        print(' | '.join(rows[-1]), flush=True)
-        del step, model
-        torch.cuda.empty_cache()
-    if args.loop_iters:
-        loop_ms, loop_tps = loop_speed()
-        rows.append(('train.py loop (its default mode)', f"{loop_ms:.2f}", '', '', f"{loop_tps:,.0f}", ''))
+        for fp8 in precisions:
+            step, model = training_step(mode, fp8)
+            for _ in range(5):  # compile, then CUDA graphs' warm-up and recording
+                step()
+            torch.cuda.synchronize()
+            step_ms, launched = events_ms(step), kernels(step)
+            gpu_ms, _ = kernel_ms(launched)
+            for name, us, count in launched[:args.profile]:  # the MoE and MLA paths' costs, by kernel
+                print(f"  {us:9.1f} us {count:4d}x  {name[:110]}")
+            mfu = model.estimate_mfu(B * T / step_ms * 1e3, 'cuda')  # against the bf16 peak either way
+            rows.append((f"step, {mode}{', fp8' if fp8 else ''}", f"{step_ms:.2f}", f"{gpu_ms:.2f}",
+                         f"{gpu_ms / step_ms:.0%}", f"{B * T / step_ms * 1e3:,.0f}", '' if mfu is None else f"{mfu:.1%}"))
+            print(' | '.join(rows[-1]), flush=True)
+            del step, model
+            torch.cuda.empty_cache()
+    for fp8 in precisions if args.loop_iters else ():
+        loop_ms, loop_tps, mfu, loss_60 = loop_speed(fp8)
+        rows.append((f"train.py loop{', --fp8=True' if fp8 else ''} (its default mode; loss at step 60 {loss_60:.4f})",
+                     f"{loop_ms:.2f}", '', '', f"{loop_tps:,.0f}", f"{mfu:.1%}" if mfu else ''))
         print(' | '.join(rows[-1]), flush=True)
     if args.to_loss:
         with tempfile.TemporaryDirectory() as out_dir:

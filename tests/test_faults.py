@@ -121,7 +121,7 @@ def test_data_that_changes_under_a_run(work):
     p = popen(work, '--out_dir=shrinking', '--dataset=shrinking', '--max_iters=100000', '--eval_interval=1000')
     wait_for(lambda: logged(work / 'shrinking', 'train'))
     shard = work / 'data' / 'shrinking' / 'train_000.bin'
-    shard.write_bytes(shard.read_bytes()[:5000])  # truncated: its header now says more than it holds
+    os.truncate(shard, 5000)  # one call: never seen empty; its header now says more than it holds
     _, err = p.communicate(timeout=120)
     assert p.returncode == 1 and 'changed under the run' in one_line(err) and 'truncated' in err
 

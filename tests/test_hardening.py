@@ -73,6 +73,7 @@ TRAIN_BAD = [
     ('--bacth_size=4', "configurator: unknown config key 'bacth_size' (did you mean 'batch_size'?)"),
     ('--memory_limit_gib=-1', "--memory_limit_gib=-1.0: must be >= 0"),
     ('--memory_limit_gib=big', "configurator: --memory_limit_gib expects float, got 'big'"),
+    ('--fp8=True', "--fp8=True: needs --dtype=bfloat16 on a CUDA GPU of compute capability 8.9+"),  # MICRO: CPU
 ]
 SAMPLE_BAD = [
     ('--num_samples=0', "--num_samples=0: must be > 0"),
@@ -131,6 +132,7 @@ def test_bad_config_file_is_one_line(tmp_path, monkeypatch, capsys):
 # the same, as the user sees it: a real process, exit code 2, no traceback, out_dir untouched
 PROCESS_BAD = [
     ('train.py', ['--eval_interval=0'], "train.py: error: --eval_interval=0: must be > 0"),
+    ('train.py', ['--fp8=True', '--dtype=float32'], "train.py: error: --fp8=True: needs --dtype=bfloat16"),
     ('train.py', ['--device=cuda:7'], "train.py: error: --device='cuda:7': no such device"),
     ('train.py', ['--n_layr=3'], "configurator: unknown config key 'n_layr'"),
     ('sample.py', ['--start=FILE:/missing'], "sample.py: error: --start='FILE:/missing': FILE: must name an existing"),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # prepare.py is both an entry point and the data layer (tokenizers, shards, atomic writes) below the libraries
-LIBRARIES = ['flags', 'prepare', 'muon', 'ops', 'model', 'lora', 'hf', 'checkpoint', 'parallel', 'engine']
+LIBRARIES = ['flags', 'prepare', 'muon', 'ops', 'model', 'fp8', 'lora', 'hf', 'checkpoint', 'parallel', 'engine']
 ENTRY_POINTS = ['train', 'sample', 'serve', 'eval', 'bench', 'configurator', 'convert']
 BENCHMARKS = sorted(p.stem for p in (REPO / 'benchmarks').glob('*.py'))
 OURS = set(LIBRARIES) | set(ENTRY_POINTS)
