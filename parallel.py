@@ -28,24 +28,25 @@ class ExpertParallel:
     """Stands in for a MoE layer's routed_experts(x_sorted, offsets): sends each row to the rank
     that owns its expert, runs the local experts there, and brings the results back in order."""
     def __init__(self, moe, group):
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+        self.all_to_all = all_to_all_single_autograd  # imported here: __call__ runs inside compiled blocks
         self.local_experts, self.group = moe.routed_experts, group
         self.ep = dist.get_world_size(group)
         self.n_local = moe.cfg.n_routed_experts // self.ep
 
     def __call__(self, x_sorted, offsets):
-        from torch.distributed._functional_collectives import all_to_all_single_autograd
         counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()  # rows per global expert
         received = torch.empty_like(counts)  # [source rank, my expert]: rows each rank sends me
         dist.all_to_all_single(received, counts, group=self.group)
         send = counts.view(self.ep, self.n_local).sum(1).tolist()
         recv = received.view(self.ep, self.n_local).sum(1).tolist()
-        rows = all_to_all_single_autograd(x_sorted, recv, send, self.group)
+        rows = self.all_to_all(x_sorted, recv, send, self.group)
         # rows arrive by source rank, then expert: one more permute sorts them by expert alone
         expert_of_row = torch.arange(self.n_local, device=rows.device).repeat(self.ep).repeat_interleave(received)
         rows_sorted, local_offsets, row_map = ops.moe_permute(rows, expert_of_row[:, None], self.n_local)
         y = self.local_experts(rows_sorted, local_offsets)
         y = ops.moe_unpermute(y, row_map, torch.ones(len(rows), 1, device=y.device, dtype=y.dtype))
-        return all_to_all_single_autograd(y, send, recv, self.group)
+        return self.all_to_all(y, send, recv, self.group)
 
 
 class Sharding:
