@@ -65,6 +65,19 @@ def test_mtp_is_dropped_where_v2_has_no_place_for_it(tmp_path):
     assert load_model(str(tmp_path))[0].mtp is None
 
 
+def test_an_imported_v3_mtp_layer_drafts_for_speculative_decoding(tmp_path):
+    """A V3 directory that carries its MTP layer (decoder layer n_layer, as DeepSeek-V3's files do)
+    decodes speculatively with it: the same greedy tokens as plain decoding, and drafts accepted."""
+    hf.export(tiny_model(**V3), CHARS, tmp_path)
+    model, _ = load_model(str(tmp_path))
+    assert model.mtp is not None
+    prompts, params = [[5, 6, 7], [9] * 11], SamplingParams(max_tokens=16, temperature=0)
+    plain = [r.tokens for r in Engine(model, CHARS, max_batch=2).generate(prompts, params)]
+    engine = Engine(model, CHARS, max_batch=2, speculative=True)
+    assert [r.tokens for r in engine.generate(prompts, params)] == plain
+    assert engine.drafted > 0
+
+
 @pytest.mark.parametrize('arch', [V3, V2], ids=['v3', 'v2'])
 def test_transformers_greedy_generate_matches_ours(arch, tmp_path):
     # no padded ids, so both argmax over the same set; YaRN through the latent cache and decode path
