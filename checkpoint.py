@@ -68,6 +68,21 @@ def save_checkpoint(obj, path):
             raise
 
 
+def host_copy(obj, copies=None):
+    """obj (dicts, lists, tuples) with each tensor copied to host memory, a tensor that two names share
+    (tied embeddings) copied once: what a background writer saves while training changes the originals."""
+    copies = {} if copies is None else copies
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in copies:
+            copies[id(obj)] = obj.detach().to('cpu', copy=True)
+        return copies[id(obj)]
+    if isinstance(obj, dict):
+        return {k: host_copy(v, copies) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v, copies) for v in obj)
+    return obj
+
+
 def checkpoint_file(source, which='latest'):
     """A checkpoint file's path from a file or an out_dir."""
     if which not in FILES:

@@ -19,6 +19,8 @@ import torch
 
 from test_train import MICRO, REPO, records, run, train, work  # noqa: F401 (work is a fixture)
 
+from checkpoint import host_copy  # noqa: E402 (test_train puts the repository on the path)
+
 
 def popen(cwd, *args, limit=None):
     """train.py in a child process; limit: (resource, bytes) applied in the child only."""
@@ -58,6 +60,41 @@ def test_ctrl_c_ends_a_run_in_one_line_and_keeps_its_checkpoint(work):
     step = int(line.split('(step ')[1].split(')')[0])
     assert torch.load(work / 'interrupted' / 'ckpt.pt', weights_only=False)['iter_num'] == step
     assert no_temporaries(work / 'interrupted')
+
+
+def test_a_checkpoint_written_while_training_goes_on_holds_its_own_step(work):
+    """Checkpoints are written from a copy in the background while the next steps run: a run
+    interrupted mid-way keeps the last one whole (the interrupt waits for a write under way), and
+    resuming from it repeats a straight run's losses exactly, dropout's random numbers included."""
+    steps = ['--eval_interval=3', '--always_save_checkpoint=True', '--dropout=0.1']
+    train(work, '--out_dir=straight_bg', '--max_iters=12', *steps)
+    p = popen(work, '--out_dir=background', '--max_iters=100000', *steps)
+    wait_for(lambda: any(r['iter'] >= 7 for r in logged(work / 'background', 'train')))
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    step = int(one_line(err).split('(step ')[1].split(')')[0])
+    assert p.returncode == 130 and step >= 6 and step % 3 == 0, err
+    train(work, '--out_dir=background', '--max_iters=12', '--init_from=resume', *steps)
+    straight, resumed = (losses(work / d) for d in ('straight_bg', 'background'))
+    assert all(resumed[i] == straight[i] for i in range(step, 12)), (step, straight, resumed)
+    assert no_temporaries(work / 'background')
+
+
+def test_host_copy_is_a_snapshot_and_keeps_ties():
+    """What the background writer saves: later changes to the originals do not reach it, and a tensor
+    shared by two names (tied embeddings) stays one tensor."""
+    tied, moment = torch.ones(3), torch.zeros(2)
+    state = {'model': {'embed.weight': tied, 'head.weight': tied}, 'optimizer': [moment, 5], 'tokenizer': 'char'}
+    copy = host_copy(state)
+    tied.add_(1), moment.add_(1)
+    assert torch.equal(copy['model']['embed.weight'], torch.ones(3)) and torch.equal(copy['optimizer'][0], torch.zeros(2))
+    assert copy['model']['head.weight'] is copy['model']['embed.weight']
+    assert copy['optimizer'][1] == 5 and copy['tokenizer'] == 'char'
+
+
+def losses(out):
+    """Each step's loss, the last record of a step kept (a resumed run logs again from its checkpoint)."""
+    return {r['iter']: r['loss'] for r in records(out, 'train')}
 
 
 def logged(out, kind):
