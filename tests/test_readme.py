@@ -2,6 +2,7 @@
 runs are cut to a few steps and the larger configs to a tiny model (the flags appended below); the
 commands that need a network, a GPU, a server or hours are listed with the reason they are not run
 here, and every command README holds is in one list or the other."""
+import os
 import re
 import shutil
 import subprocess
@@ -75,8 +76,8 @@ def test_readme_commands_run_in_order(tmp_path):
         line = re.sub(r'^python -c', f'{sys.executable} -c', line)
         t0 = time.time()
         p = subprocess.run(['bash', '-c', line], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                           env={'PATH': '/usr/bin:/bin', 'OMP_NUM_THREADS': '2', 'HOME': str(tmp_path),
-                                'HF_HUB_OFFLINE': '1'})
+                           env={'PATH': '/usr/bin:/bin', 'HOME': str(tmp_path), 'HF_HUB_OFFLINE': '1',
+                                'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2')})  # conftest.py's
         assert p.returncode == 0, f"{command}\n{p.stdout[-1500:]}\n{p.stderr[-3000:]}"
         print(f"{time.time() - t0:6.1f} s  {command[:100]}")
     assert (tmp_path / 'out-merged' / 'ckpt.pt').exists() and (tmp_path / 'hf-v3' / 'config.json').exists()
