@@ -12,7 +12,8 @@ relative per element, averaged out over the contraction).
 
 The one exception is the routed experts' weight gradient, x_e^T dy_e per expert: its contraction runs
 over the expert's tokens, whose row-wise scales would be per group of ragged length; it stays a bf16
-grouped matmul. Matmuls whose sizes are not multiples of 16 (the tensor cores' fp8 tiles) stay bf16.
+grouped matmul. Matmuls whose sizes are not multiples of 16 (the tensor cores' fp8 tiles) stay bf16, and
+so do the experts on GPUs without fp8 grouped matmuls (all but compute capability 9.0 and 10.0).
 
 With LoRA (lora.py) the frozen base runs in fp8 (forward and the input gradient; it has no weight
 gradient) and the adapters in bf16.
@@ -31,12 +32,24 @@ OUT = torch.bfloat16  # what the fp8 matmuls write: bf16, as autocast's matmuls 
 FAST_ACCUM = False    # Hopper's fast accumulation skips the periodic fp32 promotion DeepSeek-V3 relies on
 
 
-def supported(device):
-    """fp8 tensor cores: a CUDA GPU of compute capability 8.9 (Ada) or later."""
+def capability(device):
+    """A CUDA device's compute capability, None for any other device (or one that is not there: its own
+    flag check says so)."""
     try:
-        return torch.device(device).type == 'cuda' and torch.cuda.get_device_capability(device) >= (8, 9)
-    except (RuntimeError, AssertionError, ValueError):  # no such device: its own flag check says so
-        return False
+        return torch.cuda.get_device_capability(device) if torch.device(device).type == 'cuda' else None
+    except (RuntimeError, AssertionError, ValueError):
+        return None
+
+
+def supported(device):
+    """Row-wise scaled fp8 matmuls: Hopper (compute capability 9.0) or later."""
+    return (capability(device) or (0, 0)) >= (9, 0)
+
+
+def grouped_supported(device):
+    """torch._scaled_grouped_mm runs on compute capability 9.0 and 10.0 only; CPUs take fp8.grouped_mm's
+    loop over the groups."""
+    return torch.device(device).type == 'cpu' or capability(device) in ((9, 0), (10, 0))
 
 
 def quantize(x):
@@ -128,7 +141,8 @@ def fits(*sizes):
 
 def use_fp8(model):
     """Swap the model's bias-free nn.Linear layers for FP8Linear and its MoE layers' grouped matmuls
-    for fp8 ones, where their sizes fit fp8 tiles -> the names of the weights that stay bf16."""
+    for fp8 ones, where their sizes fit fp8 tiles (and, for the experts, where the device has fp8
+    grouped matmuls) -> the names of the weights that stay bf16. The model is on its device already."""
     kept = []
     for name, module in model.named_modules():
         if type(module) is nn.Linear and module.bias is None:
@@ -137,7 +151,7 @@ def use_fp8(model):
             else:
                 kept.append(f'{name}.weight')
         elif isinstance(module, MoE):
-            if fits(module.cfg.n_embd, module.cfg.moe_inter_dim):
+            if fits(module.cfg.n_embd, module.cfg.moe_inter_dim) and grouped_supported(module.w1.device):
                 module.grouped_mm = expert_grouped_mm
             else:
                 kept += [f'{name}.{w}' for w in ('w1', 'w2', 'w3')]

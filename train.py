@@ -99,7 +99,7 @@ activation_checkpointing = False  # recompute each block's activations in the ba
 cast_weights_once = True  # several micro-steps in bf16/fp16 on one process: the matmul weights' copies in
                           # that dtype are made once a step, not in every micro-step (notes/training.md 13)
 fp8 = False  # the matmuls in float8 e4m3 with row-wise scales, forward and backward (fp8.py); GPUs of
-             # compute capability 8.9+; checkpoints stay ordinary ones
+             # compute capability 9.0+ (Hopper); checkpoints stay ordinary ones
 memory_limit_gib = 0.0  # CUDA only: cap this process's allocations (torch.cuda.set_per_process_memory_fraction),
                         # an out-of-memory error past it, as on a smaller GPU; 0 = off
 # sharding under torchrun (parallel.py); neither: DDP, every rank holding the whole model
@@ -140,7 +140,7 @@ check_flags('train.py', globals(), {
     'backend': [one_of('nccl', 'gloo'), cuda_for_nccl], 'device': device_exists(), 'dtype': dtype_supported(),
     'seed': non_negative,
     'fp8': [boolean, cross_rule(lambda v, f: not v or fp8_supported(f['device']) and f['dtype'] == 'bfloat16',
-                                "needs --dtype=bfloat16 on a CUDA GPU of compute capability 8.9+ (Ada, Hopper)")],
+                                "needs --dtype=bfloat16 on a CUDA GPU of compute capability 9.0+ (Hopper or later)")],
     'memory_limit_gib': [non_negative, cross_rule(lambda v, f: not v or f['device'].startswith('cuda'),
                                                   "needs a CUDA device: it caps the CUDA memory allocator (0 = off)")],
 })
@@ -429,7 +429,8 @@ model.train().to(device)
 if fp8:
     kept_bf16 = use_fp8(model)
     if master and kept_bf16:
-        print(f"fp8: {len(kept_bf16)} weights stay bf16 (sizes not multiples of 16), e.g. {kept_bf16[0]}")
+        print(f"fp8: {len(kept_bf16)} weights stay bf16 (sizes not multiples of 16, or experts without fp8 "
+              f"grouped matmuls on this GPU), e.g. {kept_bf16[0]}")
 if activation_checkpointing:  # keep only each block's input; recompute the rest in the backward
     for block in model.blocks():
         block.recompute = True

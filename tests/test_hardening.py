@@ -73,7 +73,7 @@ TRAIN_BAD = [
     ('--bacth_size=4', "configurator: unknown config key 'bacth_size' (did you mean 'batch_size'?)"),
     ('--memory_limit_gib=-1', "--memory_limit_gib=-1.0: must be >= 0"),
     ('--memory_limit_gib=big', "configurator: --memory_limit_gib expects float, got 'big'"),
-    ('--fp8=True', "--fp8=True: needs --dtype=bfloat16 on a CUDA GPU of compute capability 8.9+"),  # MICRO: CPU
+    ('--fp8=True', "--fp8=True: needs --dtype=bfloat16 on a CUDA GPU of compute capability 9.0+"),  # MICRO: CPU
 ]
 SAMPLE_BAD = [
     ('--num_samples=0', "--num_samples=0: must be > 0"),
