@@ -539,12 +539,12 @@ def finish_writing(quietly=False):
     thread.join()
     writing = None
     if errors and not quietly:
-        on_disk(raise_, errors[0])
+        on_disk(reraise, errors[0])
     elif not errors and done:
         saved = done
 
 
-def raise_(error):
+def reraise(error):
     raise error
 
 
