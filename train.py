@@ -507,7 +507,11 @@ def on_disk(write, *args):
     try:
         write(*args)
     except OSError as e:
-        fail(f"cannot write into {out_dir} ({e.strerror or one_line(e)}){kept()}")
+        write_failed(e)
+
+
+def write_failed(e):
+    fail(f"cannot write into {out_dir} ({e.strerror or one_line(e)}){kept()}")
 
 
 def write_in_background(write, done=None):
@@ -539,19 +543,16 @@ def finish_writing(quietly=False):
     thread.join()
     writing = None
     if errors and not quietly:
-        on_disk(reraise, errors[0])
+        if not isinstance(errors[0], OSError):
+            raise errors[0]
+        write_failed(errors[0])
     elif not errors and done:
         saved = done
 
 
-def reraise(error):
-    raise error
-
-
-def eval_writes(save, improved):
-    """What an eval leaves in out_dir, as one function for the background writer: ckpt.pt (and best.pt
-    if improved) from a host copy of the run's state taken now, if save; the figures, from the log
-    as it is now."""
+def write_eval_files(save, improved):
+    """What an eval leaves in out_dir, written in the background: ckpt.pt (and best.pt if improved)
+    from a host copy of the run's state taken now, if save; the figures, from the log as it is now."""
     ckpt = host_copy(run_state()) if save else None
     records = read_log()
 
@@ -563,24 +564,19 @@ def eval_writes(save, improved):
                 link_best()
         plot_losses(records)
         plot_expert_load(records)
-    return write
+    write_in_background(write, (checkpoint_path('ckpt.pt'), iter_num) if save else None)
 
 
 def save_sharded_checkpoints(improved):
+    """Every rank writes its part of ckpt.dcp (and best.dcp if improved), together, now."""
     global saved
-    save_sharded_run('latest')
-    if improved:
-        save_sharded_run('best')
-    saved = (sharded_checkpoint(out_dir), iter_num)
-
-
-def save_sharded_run(which):
     info = {'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
             'tokenizer': meta['tokenizer'], 'scaler': scaler.state_dict()}
-    save_sharded(out_dir, which, iter_num, raw_model, optimizer, sharding, info)
-    name = 'best.pt' if which == 'best' else 'ckpt.pt'
-    if master and os.path.exists(checkpoint_path(name)):  # a stale plain copy would shadow it
-        os.remove(checkpoint_path(name))
+    for which, name in [('latest', 'ckpt.pt'), ('best', 'best.pt')][:1 + improved]:
+        save_sharded(out_dir, which, iter_num, raw_model, optimizer, sharding, info)
+        if master and os.path.exists(checkpoint_path(name)):  # a stale plain copy would shadow it
+            os.remove(checkpoint_path(name))
+    saved = (sharded_checkpoint(out_dir), iter_num)
 
 
 def run_state():
@@ -734,8 +730,7 @@ while True:
         if save and sharded:  # every rank writes its part, together, now
             on_disk(save_sharded_checkpoints, improved)
         if iter_num > start_iter and master:
-            write_in_background(eval_writes(save and not sharded, improved),
-                                (checkpoint_path('ckpt.pt'), iter_num) if save and not sharded else None)
+            write_eval_files(save and not sharded, improved)
             if save:
                 print(f"saved checkpoint to {out_dir}")
         t0, timed_steps = time.time(), 0
